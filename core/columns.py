@@ -1,0 +1,237 @@
+"""The column-by-column compensation machinery that GPTQ, GPTAQ and ResComp share.
+
+Columns are quantized one at a time in a fixed order (optionally act-order), and after each one the
+not-yet-quantized columns absorb its error through the upper Cholesky factor ``U`` of the damped
+inverse Hessian (`../shared/docs/algorithms.md`, section 1). Updates are applied lazily, a block of
+``blocksize`` columns at a time, exactly as the reference code does.
+
+Solvers that add least-squares terms beyond GPTQ's (GPTAQ's ``P``, ResComp's ``R``) describe each as a
+`CompensationTerm`: when column ``j`` is frozen, later columns ``k`` receive
+``coefficient(v_j) · matrix[j, k]``. Inside a block ``v_j`` is the column's value just before
+quantization; at the block end the value carried to later blocks is chosen by ``carry``:
+``quantized`` (the released GPTAQ/ResComp-org behaviour), ``compensated`` (the block-free math) or
+``clamped`` (ResComp-allw: compensated values clamped to the grid's range).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .quantizer import Grid, QuantParams
+from .solver import LayerResult, SolverOptions
+
+log = logging.getLogger(__name__)
+
+Carry = Literal["quantized", "compensated", "clamped"]
+
+
+class NumericalWarning(UserWarning):
+    """The Hessian needed more damping than asked for."""
+
+
+class ColumnOptions(SolverOptions):
+    """Options of every solver built on the column machinery."""
+
+    percdamp: float = Field(0.01, ge=0, description="damping as a fraction of mean(diag H)")
+    blocksize: int = Field(128, ge=1, description="columns per lazy block update")
+    act_order: bool = Field(False, description="quantize columns in order of decreasing diag(H)")
+    static_groups: bool = Field(False, description="compute all group grids up front from the original weight")
+    group_timing: Literal["block", "fresh"] = Field(
+        "block",
+        description="grid of a group that starts inside a lazy block: from the weights as they stood at "
+        "the block start (reference) or from the fully compensated weights",
+    )
+
+
+@dataclass(frozen=True)
+class CompensationTerm:
+    """An extra compensation: ``matrix`` is (n, n), strictly upper triangular, in quantization order;
+    ``coefficient(values, columns)`` maps the values (rows, k) of the frozen columns at positions
+    ``columns`` (a slice in quantization order) to the coefficients that multiply ``matrix[columns]``."""
+
+    matrix: Tensor
+    coefficient: Callable[[Tensor, slice], Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedProblem:
+    """The problem in quantization order, as the terms of a solver need to see it."""
+
+    weight: Tensor
+    """(rows, n): dead columns zeroed, permuted; the original weight the ResComp term refers to."""
+    inverse_factor: Tensor
+    """U with ``H_d⁻¹ = UᵀU``, permuted."""
+    perm: Tensor | None
+    dead: Tensor
+    """Boolean mask of dead input columns (zero diagonal), original order."""
+
+    def permute(self, matrix: Tensor) -> Tensor:
+        """A square statistic in quantization order."""
+        return matrix if self.perm is None else matrix[self.perm][:, self.perm]
+
+
+TermsFactory = Callable[[PreparedProblem], Sequence[CompensationTerm]]
+
+
+def inverse_hessian_factor(hessian: Tensor, percdamp: float, *, max_tries: int = 8) -> Tensor:
+    """Upper Cholesky factor U of ``(H + λI)⁻¹``, λ = percdamp · mean(diag H).
+
+    A Hessian that is not positive definite after damping gets ten times more damping, with a
+    `NumericalWarning`, until the factorizations succeed.
+    """
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    damp = percdamp * mean_diag
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(max_tries):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * identity)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper
+        new_damp = max(damp * 10, 1e-6 * mean_diag, torch.finfo(hessian.dtype).tiny)
+        warnings.warn(
+            f"Hessian is not positive definite with damping {damp:.3g}; retrying with {new_damp:.3g} "
+            f"(attempt {attempt + 2} of {max_tries}). More calibration tokens or a larger percdamp avoid this.",
+            NumericalWarning,
+            stacklevel=2,
+        )
+        damp = new_damp
+    raise ArithmeticError(
+        f"the Hessian stayed singular after {max_tries} damping increases (last λ = {damp:.3g}); "
+        "check the calibration inputs for NaN/Inf or constant features"
+    )
+
+
+def solve_columns(
+    weight: Tensor,
+    hessian: Tensor,
+    grid: Grid,
+    options: ColumnOptions,
+    *,
+    terms: TermsFactory | None = None,
+    carry: Carry = "quantized",
+) -> LayerResult:
+    """Quantize ``weight`` (rows, n) column by column against ``hessian`` (n, n), both already in
+    the dtype the solve should run in. Returns codes and grids in the original column order."""
+    rows, n = weight.shape
+    dtype = hessian.dtype
+    w = weight.to(dtype).clone()
+    h = hessian.clone()
+    per_row = grid.find_params(w) if grid.group_size == -1 else None  # before dead-zeroing, as the reference
+
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    group = grid.group_size if grid.group_size != -1 else n
+    static = None
+    if options.static_groups and grid.group_size != -1:
+        static = [grid.find_params(w[:, s : s + group]) for s in range(0, n, group)]
+
+    perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_hessian_factor(h, options.percdamp)
+    del h
+    problem = PreparedProblem(weight=w.clone(), inverse_factor=u, perm=perm, dead=dead)
+    extra = list(terms(problem)) if terms is not None else []
+
+    grids: list[QuantParams] = static if static is not None else ([per_row] if per_row is not None else [])
+    column_grid = torch.zeros(n, dtype=torch.long, device=w.device)
+    codes = torch.zeros_like(w)
+    quantized = torch.zeros_like(w)
+    loss = torch.zeros((), dtype=dtype, device=w.device)
+    current = 0
+
+    for i1 in range(0, n, options.blocksize):
+        i2 = min(i1 + options.blocksize, n)
+        block = w[:, i1:i2].clone()
+        q_block = torch.zeros_like(block)
+        err_block = torch.zeros_like(block)
+        pre_block = torch.zeros_like(block) if extra and carry != "quantized" else None
+
+        def carried(done: int) -> Tensor:
+            """Values of the block's first ``done`` frozen columns as later columns see them."""
+            if carry == "quantized" or pre_block is None:
+                return q_block[:, :done]
+            if carry == "compensated":
+                return pre_block[:, :done]
+            low, high = grid.representable_range(grids[int(column_grid[i1 + done - 1])])
+            return torch.clamp(pre_block[:, :done], low.unsqueeze(1), high.unsqueeze(1))
+
+        def pending(done: int, target: slice) -> Tensor:
+            """Updates the block's first ``done`` frozen columns owe the columns ``target`` (>= i2)."""
+            frozen = slice(i1, i1 + done)
+            update = -err_block[:, :done] @ u[frozen, target]
+            for term in extra:
+                update += term.coefficient(carried(done), frozen) @ term.matrix[frozen, target]
+            return update
+
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static is not None:
+                current = int(perm[j] if perm is not None else j) // group
+            elif grid.group_size != -1 and j % group == 0:
+                grids.append(grid.find_params(_group_source(w, block, j, i, i1, i2, group, options, pending)))
+                current = len(grids) - 1
+            column_grid[j] = current
+            params = grids[current]
+
+            col = block[:, i].clone()
+            col_codes = grid.quantize(col, params)
+            q = grid.dequantize(col_codes, params)
+            d = u[j, j]
+            err = (col - q) / d
+            loss += torch.sum(err * err) / 2
+            block[:, i:] -= torch.outer(err, u[j, j:i2])
+            for term in extra:
+                block[:, i + 1 :] += torch.outer(
+                    term.coefficient(col.unsqueeze(1), slice(j, j + 1)).squeeze(1), term.matrix[j, j + 1 : i2]
+                )
+            codes[:, j], q_block[:, i], err_block[:, i] = col_codes, q, err
+            if pre_block is not None:
+                pre_block[:, i] = col
+
+        quantized[:, i1:i2] = q_block
+        if i2 < n:
+            w[:, i2:] += pending(i2 - i1, slice(i2, n))
+
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        quantized, codes, column_grid = quantized[:, inverse], codes[:, inverse], column_grid[inverse]
+    return LayerResult(
+        weight=quantized.to(weight.dtype),
+        codes=codes.to(torch.int16),
+        scale=torch.stack([g.scale for g in grids], dim=1),
+        zero=torch.stack([g.zero for g in grids], dim=1),
+        g_idx=column_grid,
+        perm=perm,
+        loss=float(loss),
+    )
+
+
+def _group_source(
+    w: Tensor,
+    block: Tensor,
+    j: int,
+    i: int,
+    i1: int,
+    i2: int,
+    group: int,
+    options: ColumnOptions,
+    pending: Callable[[int, slice], Tensor],
+) -> Tensor:
+    """The weights a group starting at column ``j`` takes its grid from."""
+    end = min(j + group, w.shape[1])
+    if options.group_timing == "block":
+        return w[:, j:end]
+    inside = block[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    return torch.cat([inside, w[:, i2:end] + pending(i, slice(i2, end))], dim=1)

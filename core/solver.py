@@ -1,0 +1,57 @@
+"""What a solver is: a named object that turns one linear's weight and its calibration statistics
+into quantized weights. Plugins subclass `Solver` and register an instance."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from .quantizer import Grid
+from .statistics import LayerStatistics, Statistic
+
+
+class SolverOptions(BaseModel):
+    """Base for a solver's own options; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """A quantized linear: ``weight == scale[:, g_idx] * (codes - zero[:, g_idx])``.
+
+    ``weight`` and ``codes`` have the original weight's shape and column order; ``scale`` and ``zero``
+    are (rows, groups). ``g_idx[j]`` is the group of input column ``j`` (with act_order and dynamic
+    groups, groups are contiguous in the quantization order ``perm``, so g_idx is not monotone).
+    ``loss`` is the solver's own objective estimate (GPTQ: ½Σ(w−q)²/[H⁻¹]_jj), or None.
+    """
+
+    weight: Tensor
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    g_idx: Tensor
+    perm: Tensor | None = None
+    loss: float | None = None
+
+
+class Solver(ABC):
+    """A quantization method for one linear layer at a time."""
+
+    #: The solver's option model; ``options(**values)`` validates what a config gives.
+    Options: ClassVar[type[SolverOptions]] = SolverOptions
+
+    def options(self, values: dict[str, Any] | None = None) -> SolverOptions:
+        return self.Options(**(values or {}))
+
+    @abstractmethod
+    def statistics(self, options: SolverOptions) -> frozenset[Statistic]:
+        """The statistics the calibration loop must collect for this solver with these options."""
+
+    @abstractmethod
+    def solve(self, weight: Tensor, stats: LayerStatistics | None, grid: Grid, options: SolverOptions) -> LayerResult:
+        """Quantize ``weight`` (out, in). ``stats`` is None only when `statistics` asked for nothing.
+        The computation runs in the dtype of the statistics (or the weight's, without them)."""
