@@ -1,0 +1,53 @@
+"""What an architecture adapter is: a small declarative description of where a model keeps its
+blocks, the linears inside a block (in true-sequential order) and the norms that feed them.
+
+Subclass it only for what a family really needs beyond these fields; most families are one
+instance of `ArchitectureAdapter`.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Where the quantizable parts of a model family are.
+
+    ``groups`` are the true-sequential groups of linears inside one block, as paths relative to the
+    block: the calibration loop quantizes one group after another, recomputing the inputs in
+    between. The linears of a group must read the same input tensor (they share its statistics).
+    ``norms`` maps a norm inside a block to the linears it feeds; ``final_norm`` feeds ``head``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    groups: tuple[tuple[str, ...], ...]
+    norms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    embedding: str | None = None
+    final_norm: str | None = None
+    head: str | None = None
+    forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter describes ``model``; by default from ``model.config.model_type``."""
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in self.model_types
+
+    def block_list(self, model: nn.Module) -> nn.ModuleList:
+        blocks = model.get_submodule(self.blocks)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"adapter {self.name!r}: {self.blocks!r} is a {type(blocks).__name__}, not a ModuleList")
+        return blocks
+
+    def linears(self, block: nn.Module) -> list[str]:
+        """The quantizable linears of one block, in the order they are quantized."""
+        return [name for group in self.groups for name in group]
+
+    def run(self, model: nn.Module, batch: Any) -> Any:
+        """Run the whole model on one calibration batch."""
+        return model(batch, **self.forward_kwargs)
