@@ -1,0 +1,93 @@
+"""The configuration of a whole run, as one pydantic model: loadable from YAML/JSON, overridable
+from the CLI, saved beside every output, and strict about unknown keys."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .quantizer import Grid
+
+CONFIG_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GridConfig(_Strict):
+    """The integer grid of the weights (see `compquant.core.quantizer`)."""
+
+    bits: int = Field(4, ge=2, le=8, description="weight bits")
+    group_size: int = Field(128, description="columns per grid; -1 for one grid per row")
+    sym: bool = Field(False, description="symmetric grid")
+    clip: bool = Field(False, description="MSE clipping search for each grid")
+    convention: Literal["quarot", "ist"] = Field("quarot", description="grid convention (algorithms.md §11)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive_or_per_row(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"group_size must be a positive number of columns or -1 (one grid per row), got {value}")
+        return value
+
+    def grid(self) -> Grid:
+        return Grid(bits=self.bits, sym=self.sym, group_size=self.group_size, clip=self.clip, convention=self.convention)
+
+
+class CalibrationConfig(_Strict):
+    """Which calibration data, and how much of it."""
+
+    dataset: str = Field("wikitext2", description="dataset name (never its test split)")
+    nsamples: int = Field(128, ge=1, description="number of random windows")
+    seqlen: int = Field(2048, ge=1, description="tokens per window")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+
+
+class QuantConfig(_Strict):
+    """Everything that determines a quantization run."""
+
+    version: Literal[1] = CONFIG_VERSION
+    model: str | None = Field(None, description="local folder, GGUF file, hub name or preset")
+    adapter: str | None = Field(None, description="architecture adapter; detected from the model when unset")
+    solver: str = Field("gptq", description="registered solver name")
+    solver_options: dict[str, Any] = Field(default_factory=dict, description="the solver's own options")
+    transforms: list[str] = Field(default_factory=list, description="transforms applied in order before calibration")
+    transform_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options per transform name")
+    grid: GridConfig = Field(default_factory=GridConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    seed: int = Field(0, description="seed of the calibration sampling and of any random transform")
+    device: str | None = Field(None, description="compute device; CUDA when present, else CPU")
+    stats_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of statistics and solves")
+    data_dir: Path | None = Field(None, description="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
+    output: Path | None = Field(None, description="output folder for the quantized model")
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantConfig:
+        """Read a config from a .json, .yaml or .yml file."""
+        return cls.model_validate(read_config_file(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a JSON or YAML config file."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level, found {type(data).__name__}")
+    return data

@@ -1,0 +1,103 @@
+"""`quantize`: a whole model, from a config, through the plugins it names."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pluggy
+import torch
+from torch import Tensor, nn
+
+from .calibration import CalibrationPlan, calibrate
+from .config import QuantConfig
+from .plugin_manager import build_registry, default_plugin_manager, default_registry
+from .registry import PluginRegistry
+from .report import QuantReport
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The named device, or CUDA when present and the CPU otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def registry_for(plugin_manager: pluggy.PluginManager | None) -> PluginRegistry:
+    return default_registry() if plugin_manager is None else build_registry(plugin_manager)
+
+
+def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
+    """Resolve every name in ``config`` and validate every option, before any work is done."""
+    solver = registry.solver(config.solver)
+    for name in config.transforms:
+        registry.transform(name).options(config.transform_options.get(name))
+    unused = set(config.transform_options) - set(config.transforms)
+    if unused:
+        raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {config.transforms}")
+    return CalibrationPlan(
+        adapter=registry.adapter_for(model, config.adapter),
+        solver_name=config.solver,
+        solver=solver,
+        options=solver.options(config.solver_options),
+        grid=config.grid.grid(),
+        device=resolve_device(config.device),
+        stats_dtype=getattr(torch, config.stats_dtype),
+    )
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    *,
+    calibration: Tensor | Sequence[Tensor] | None = None,
+    tokenizer: Any | None = None,
+    plugin_manager: pluggy.PluginManager | None = None,
+) -> QuantReport:
+    """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``.
+
+    ``calibration`` is either a (samples, seqlen) tensor of token ids (or any batchable model
+    input), or a sequence of ready batches. Without it, language-model calibration windows are drawn
+    from ``config.calibration.dataset`` with ``tokenizer``. Returns the per-layer report.
+    """
+    pm = plugin_manager or default_plugin_manager()
+    registry = registry_for(plugin_manager)
+    plan = plan_for(model, config, registry)
+    learns = any(registry.transform(name).needs_calibration for name in config.transforms)
+    batches = _batches(calibration, config, tokenizer, needed=bool(plan.wanted) or learns)
+    calibration_inputs = torch.cat(list(batches)) if batches else None
+    for name in config.transforms:
+        log.info("applying transform %s", name)
+        transform = registry.transform(name)
+        transform.apply(model, plan.adapter, transform.options(config.transform_options.get(name)), calibration_inputs)
+    pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
+    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook)
+    pm.hook.compquant_after_calibration(model=model, report=report, config=config)
+    return report
+
+
+def _batches(
+    calibration: Tensor | Sequence[Tensor] | None, config: QuantConfig, tokenizer: Any | None, *, needed: bool
+) -> list[Tensor] | None:
+    if calibration is None:
+        if not needed:
+            return None
+        if tokenizer is None:
+            raise ValueError(
+                f"solver {config.solver!r} needs calibration data: pass calibration=<token ids> or a tokenizer "
+                f"so that windows can be drawn from {config.calibration.dataset!r}"
+            )
+        from ..evaluation.datasets import calibration_windows
+
+        cal = config.calibration
+        calibration = calibration_windows(
+            tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed, data_dir=config.data_dir
+        )
+    if isinstance(calibration, Tensor):
+        return list(calibration.split(config.calibration.batch_size))
+    return list(calibration)

@@ -1,0 +1,33 @@
+"""What a quantization run reports: one record per linear, and the run's totals."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """``relative_error`` is ‖(W − Q)X‖² / ‖WX‖² on the quantized-path calibration inputs, from H;
+    None when the solver used no statistics."""
+
+    name: str
+    solver: str
+    shape: tuple[int, int]
+    relative_error: float | None
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    solver: str
+    calibration_tokens: int = 0
+    seconds: float = 0.0
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def mean_relative_error(self) -> float | None:
+        errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None

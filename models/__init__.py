@@ -1,0 +1,1 @@
+"""Architecture adapters and model loading."""

@@ -1,0 +1,30 @@
+"""The Llama family from transformers (Llama, Mistral, Qwen2 share the layout)."""
+from __future__ import annotations
+
+from ..core.adapter import ArchitectureAdapter
+from ..core.plugin_manager import hookimpl
+
+LLAMA = ArchitectureAdapter(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    blocks="model.layers",
+    groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    norms={
+        "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+    },
+    embedding="model.embed_tokens",
+    final_norm="model.norm",
+    head="lm_head",
+    forward_kwargs={"use_cache": False},
+)
+
+
+@hookimpl
+def compquant_register_adapters(register) -> None:
+    register("llama", LLAMA)

