@@ -1,0 +1,237 @@
+"""The ``compquant`` command line: quantize, eval, compare, plugins."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import QuantConfig, read_config_file
+from .errors import CompquantError
+
+log = logging.getLogger("compquant")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.run(args)
+    except ValidationError as error:
+        print(f"error: invalid configuration:\n{error}", file=sys.stderr)
+    except (CompquantError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compquant", description="Weight-only post-training quantization.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    quantize = commands.add_parser("quantize", help="quantize a model and save it")
+    quantize.add_argument("model", nargs="?", help=f"local folder, .gguf file, hub name or preset ({DEFAULT_MODEL})")
+    _quant_options(quantize)
+    quantize.add_argument("--output", "-o", help="folder to create for the quantized model (must not exist)")
+    quantize.set_defaults(run=_run_quantize)
+
+    evaluate = commands.add_parser("eval", help="evaluate an original or saved model")
+    evaluate.add_argument("model", help="local folder, .gguf file, hub name, preset, or a compquant output folder")
+    evaluate.add_argument("--ppl", default="wikitext2", help="perplexity dataset (default wikitext2)")
+    evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    evaluate.add_argument("--limit", type=int, help="evaluate at most this many windows")
+    evaluate.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
+    evaluate.add_argument("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of any random transform")
+    evaluate.add_argument("--json", help="also write the result to this JSON file")
+    evaluate.set_defaults(run=_run_eval)
+
+    compare = commands.add_parser("compare", help="fp vs solvers: perplexity, wall time, peak memory in one table")
+    compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to compare on (default {DEFAULT_MODEL})")
+    _quant_options(compare)
+    compare.add_argument("--solvers", default="rtn,gptq", help="comma-separated solvers (default rtn,gptq)")
+    compare.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    compare.add_argument("--eval-limit", type=int, default=40, help="evaluation windows (default 40; 0 for all)")
+    compare.add_argument("--json", help="also write the table to this JSON file")
+    compare.set_defaults(run=_run_compare)
+
+    plugins = commands.add_parser("plugins", help="list registered solvers, transforms and adapters")
+    plugins.set_defaults(run=_run_plugins)
+
+    for command in (quantize, evaluate, compare, plugins):
+        command.add_argument("--quiet", "-q", action="store_true", help="only warnings and results")
+        command.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+# Sized so that `compquant compare` on SmolLM2-135M takes about ten minutes on a 2-core CPU.
+COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "grid": {"bits": 3, "group_size": 128},
+    "calibration": {"nsamples": 32, "seqlen": 512},
+}
+
+
+def _quant_options(parser: argparse.ArgumentParser) -> None:
+    """Options that override the config file; unset ones leave it alone."""
+    add = parser.add_argument
+    add("--config", help="YAML or JSON config file; the options below override it")
+    add("--solver", help="solver name (`compquant plugins` lists them)")
+    add("--option", action="append", default=[], metavar="KEY=VALUE", help="a solver option, e.g. percdamp=0.1")
+    add("--bits", type=int, help="weight bits, 2-8")
+    add("--group-size", type=int, help="columns per grid, or -1 for per-row")
+    add("--sym", action="store_true", default=None, help="symmetric grid")
+    add("--clip", action="store_true", default=None, help="MSE clipping search")
+    add("--act-order", action="store_true", default=None, help="quantize columns by decreasing Hessian diagonal")
+    add("--transform", action="append", help="transform applied before calibration (repeatable)")
+    add("--adapter", help="architecture adapter (default: detected)")
+    add("--calib", help="calibration dataset (default wikitext2)")
+    add("--nsamples", type=int, help="calibration windows")
+    add("--seqlen", type=int, help="tokens per calibration window")
+    add("--batch-size", type=int, help="calibration windows per forward pass")
+    add("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
+    add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
+    add("--seed", type=int, help="calibration sampling seed")
+    add("--stats-dtype", choices=["float32", "float64"], help="dtype of statistics and solves")
+
+
+def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] | None = None) -> QuantConfig:
+    """``defaults``, then the config file (if any), then every option given on the command line."""
+    data: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    for section, values in (defaults or {}).items():
+        data[section] = {**values, **data.get(section, {})}
+    grid = data.setdefault("grid", {})
+    calibration = data.setdefault("calibration", {})
+    solver_options = data.setdefault("solver_options", {})
+    overrides = [
+        (data, "model", getattr(args, "model", None)),
+        (data, "solver", args.solver),
+        (data, "adapter", args.adapter),
+        (data, "transforms", args.transform),
+        (data, "device", args.device),
+        (data, "seed", args.seed),
+        (data, "data_dir", args.data_dir),
+        (data, "stats_dtype", args.stats_dtype),
+        (data, "output", getattr(args, "output", None)),
+        (grid, "bits", args.bits),
+        (grid, "group_size", args.group_size),
+        (grid, "sym", args.sym),
+        (grid, "clip", args.clip),
+        (calibration, "dataset", args.calib),
+        (calibration, "nsamples", args.nsamples),
+        (calibration, "seqlen", args.seqlen),
+        (calibration, "batch_size", args.batch_size),
+        (solver_options, "act_order", args.act_order),
+    ]
+    for target, key, value in overrides:
+        if value is not None:
+            target[key] = value
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+        solver_options[key.replace("-", "_")] = yaml.safe_load(value)
+    return QuantConfig.model_validate(data)
+
+
+# -------------------------------------------------------------------------------------- commands
+def _run_quantize(args: argparse.Namespace) -> int:
+    from .pipeline import quantize, registry_for
+    from .saving import check_output, save_quantized
+    from ..models.loading import load_model, resolve_model_path
+
+    config = build_config(args)
+    if config.model is None:
+        raise ValueError(f"name a model to quantize (a folder, .gguf file, hub name or the preset {DEFAULT_MODEL})")
+    if config.output is None:
+        raise ValueError("name the output folder with --output DIR (it must not exist yet)")
+    registry = registry_for(None)
+    solver = registry.solver(config.solver)
+    solver.options(config.solver_options)
+    for name in config.transforms:
+        registry.transform(name).options(config.transform_options.get(name))
+    source = resolve_model_path(config.model)
+    check_output(config.output, source)
+    loaded = load_model(config.model)
+    report = quantize(loaded.model, config, tokenizer=loaded.tokenizer)
+    saved = save_quantized(loaded.model, loaded.tokenizer, config.output, config=config, report=report, source=source)
+    error = report.mean_relative_error
+    print(f"saved {config.solver} W{config.grid.bits} model to {saved} "
+          f"({len(report.layers)} linears, mean relative error {'n/a' if error is None else f'{error:.4f}'}, "
+          f"{report.seconds:.1f} s)")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .pipeline import registry_for, resolve_device
+    from .saving import write_text_atomic
+    from ..evaluation.perplexity import perplexity
+    from ..models.loading import load_model
+
+    registry = registry_for(None)
+    transforms = [registry.transform(name) for name in args.transform]
+    device = resolve_device(args.device)
+    loaded = load_model(args.model)
+    model = loaded.model.to(device).eval()
+    if transforms:
+        adapter = registry.adapter_for(model)
+        for name, transform in zip(args.transform, transforms):
+            log.info("applying transform %s", name)
+            transform.apply(model, adapter, transform.options(), None)
+    result = perplexity(
+        model, loaded.tokenizer, args.ppl, seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir
+    )
+    print(f"{loaded.source}: {result.dataset} perplexity {result.perplexity:.4f} "
+          f"({result.windows} windows x {result.seqlen} tokens)")
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"model": loaded.source, "transforms": args.transform, **result.to_dict()}, indent=2))
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .saving import write_text_atomic
+    from ..evaluation.compare import compare
+
+    config = build_config(args, COMPARE_DEFAULTS)
+    solvers = tuple(name.strip() for name in args.solvers.split(",") if name.strip())
+    result = compare(
+        config.model or DEFAULT_MODEL,
+        config,
+        solvers=solvers,
+        eval_seqlen=args.eval_seqlen,
+        eval_limit=args.eval_limit or None,
+        data_dir=config.data_dir,
+    )
+    print(result.table())
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _run_plugins(args: argparse.Namespace) -> int:
+    from .pipeline import registry_for
+
+    registry = registry_for(None)
+    rows = [(entry.kind, entry.name, entry.plugin, entry.distribution) for entry in registry.entries()]
+    widths = [max(len(str(row[i])) for row in rows + [("kind", "name", "plugin", "distribution")]) for i in range(4)]
+    for row in [("kind", "name", "plugin", "distribution"), *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
