@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random models, a tiny tokenizer and a tiny local data folder, all made
+here so that no test needs a hub."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    "The tower is 324 metres tall , about the same height as an 81 @-@ storey building .",
+    "It was the first structure to reach a height of 300 metres in the world .",
+    "Robert Boulter is an English film , television and theatre actor .",
+    "He had a guest @-@ starring role on the television series The Bill in 2000 .",
+    "The game began development in 2010 , carrying over a large portion of the work .",
+    "Rainfall in the region is heavy in summer , and the rivers flood every few years .",
+]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPQUANT_NO_PROGRESS", "1")
+    monkeypatch.delenv("COMPQUANT_DATA_DIR", raising=False)
+
+
+@pytest.fixture
+def make_llama():
+    """Factory for a tiny random causal LM of the Llama family (2 layers, hidden 64)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+    def make(family: str = "llama", *, tie: bool = False, seed: int = 0, vocab: int = 300, kv_heads: int = 2):
+        config = configs[family](
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=tie,
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():  # random init of norms is all ones; make them informative
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.uniform_(0.5, 1.5)
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with a 300-token vocabulary, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<s>")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A local data folder laid out like shared/data, with distinct text in each split."""
+    folder = tmp_path / "data"
+    (folder / "wikitext-2-raw").mkdir(parents=True)
+    (folder / "wikitext-2").mkdir(parents=True)
+    test_lines = [" \n", " = Test article = \n", " \n"] + [f" {line} \n" for line in CORPUS[:3] * 20]
+    (folder / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(test_lines))
+    valid_lines = [f" {line} <unk> \n" for line in CORPUS[3:] * 20]
+    (folder / "wikitext-2" / "wiki.valid.tokens").write_text("".join(valid_lines))
+    return folder
+
+
+@pytest.fixture
+def token_batches():
+    """Factory: random token-id calibration windows (samples, seqlen) from a fixed seed."""
+
+    def make(samples: int = 8, seqlen: int = 32, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab, (samples, seqlen), generator=generator)
+
+    return make
+
+
+@pytest.fixture
+def correlated_layer():
+    """Factory: a weight (rows, columns) and correlated calibration inputs (tokens, columns)."""
+
+    def make(rows: int = 32, columns: int = 128, tokens: int = 1024, seed: int = 0, dtype=torch.float32):
+        generator = torch.Generator().manual_seed(seed)
+        mixing = torch.randn(columns, columns, generator=generator, dtype=torch.float64) / columns**0.5
+        inputs = torch.randn(tokens, columns, generator=generator, dtype=torch.float64) @ mixing
+        inputs += 0.05 * torch.randn(tokens, columns, generator=generator, dtype=torch.float64)
+        weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+        return weight.to(dtype), inputs.to(dtype)
+
+    return make

@@ -1,0 +1,201 @@
+"""The layer-by-layer loop on tiny models built here."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import compquant
+from compquant import ArchitectureAdapter, QuantConfig, Statistic
+from compquant.core.online import attach_input_op, input_ops
+from compquant.core.plugin_manager import create_plugin_manager
+from compquant.plugins.gptq import GPTQ
+
+
+class RecordingGPTQ(GPTQ):
+    """GPTQ that keeps the Hessian it was given for every call."""
+
+    def __init__(self):
+        self.hessians = []
+
+    def solve(self, weight, stats, grid, options):
+        self.hessians.append(stats.hessian.clone())
+        return super().solve(weight, stats, grid, options)
+
+
+class RegisterRecording:
+    def __init__(self, solver):
+        self.solver = solver
+
+    @compquant.hookimpl
+    def compquant_register_solvers(self, register):
+        register("recording-gptq", self.solver)
+
+
+def inputs_of_every_linear(model, calibration, names):
+    """2/N XᵀX of every named linear's input when the (final) model runs on the calibration set."""
+    seen = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0]))
+        for name in names
+    ]
+    with torch.no_grad():
+        model(calibration, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    result = {}
+    for name, tensors in seen.items():
+        x = torch.cat(tensors).reshape(-1, tensors[0].shape[-1]).double()
+        result[name] = 2 / x.shape[0] * x.T @ x
+    return result
+
+
+def test_each_group_is_calibrated_on_the_outputs_of_the_quantized_groups_before_it(make_llama, token_batches):
+    """True-sequential: the Hessian every group received equals the one the *final* quantized model
+    produces at that group's input, since everything upstream of it was already quantized."""
+    model = make_llama()
+    calibration = token_batches(6, 24)
+    solver = RecordingGPTQ()
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(RegisterRecording(solver))
+    config = QuantConfig(solver="recording-gptq", grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                         calibration={"batch_size": 4})
+    report = compquant.quantize(model, config, calibration=calibration, plugin_manager=pm)
+    names = [layer.name for layer in report.layers]
+    expected = inputs_of_every_linear(model, calibration, names)
+    assert len(solver.hessians) == len(names) == 14
+    for name, hessian in zip(names, solver.hessians):
+        torch.testing.assert_close(hessian, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_whole_loop_quantizes_every_linear_onto_its_grid(make_llama, token_batches):
+    model = make_llama()
+    original = copy.deepcopy(model)
+    config = QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 32})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16))
+    assert len(report.layers) == 14 and report.calibration_tokens == 64
+    assert all(0 < layer.relative_error < 0.5 for layer in report.layers)
+    for layer in report.layers:
+        weight = model.get_submodule(layer.name).weight
+        assert not torch.equal(weight, original.get_submodule(layer.name).weight)
+        for group in weight.split(32, dim=1):  # each row of each group takes at most 2^3 values
+            assert max(len(torch.unique(row)) for row in group) <= 8
+    assert torch.equal(model.lm_head.weight, original.lm_head.weight)  # the head stays in full precision
+    with torch.no_grad():
+        ids = token_batches(1, 16, seed=5)
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_rtn_runs_without_calibration_data(make_llama):
+    model = make_llama()
+    report = compquant.quantize(model, QuantConfig(solver="rtn", grid={"bits": 4, "group_size": -1}))
+    assert report.calibration_tokens == 0 and len(report.layers) == 14
+    assert all(layer.relative_error is None for layer in report.layers)
+
+
+def test_gptq_without_calibration_or_tokenizer_says_what_is_missing(make_llama):
+    with pytest.raises(ValueError, match="needs calibration data"):
+        compquant.quantize(make_llama(), QuantConfig(solver="gptq"))
+
+
+def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, token_batches):
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[0] = float("nan")
+    before = model.model.layers[1].self_attn.q_proj.weight.clone()
+    with pytest.raises(ArithmeticError, match=r"model.layers.1.self_attn.q_proj"):
+        compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(2, 8))
+    assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, before)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.register_buffer("factor", torch.tensor(factor))
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class ScaleOProj(compquant.Transform):
+    """Function-preserving: o_proj's input is doubled online, its weight halved offline."""
+
+    def apply(self, model, adapter, options, calibration=None):
+        for block in adapter.block_list(model):
+            linear = block.get_submodule("self_attn.o_proj")
+            attach_input_op(linear, Scale(2.0))
+            linear.weight.data /= 2
+
+
+class RegisterScale:
+    @compquant.hookimpl
+    def compquant_register_transforms(self, register):
+        register("scale-o", ScaleOProj())
+
+
+def test_transform_runs_before_calibration_and_its_online_op_is_seen_everywhere(make_llama, token_batches):
+    model = make_llama()
+    ids = token_batches(2, 16, seed=3)
+    with torch.no_grad():
+        reference = model(ids).logits
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(RegisterScale())
+    solver = RecordingGPTQ()
+    pm.register(RegisterRecording(solver))
+    config = QuantConfig(solver="recording-gptq", transforms=["scale-o"], grid={"bits": 8, "group_size": -1})
+    compquant.quantize(model, config, calibration=ids, plugin_manager=pm)
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert [type(op) for op in input_ops(o_proj)] == [Scale]
+    expected = inputs_of_every_linear(model, ids, ["model.layers.0.self_attn.o_proj"])
+    torch.testing.assert_close(solver.hessians[3].double(), expected["model.layers.0.self_attn.o_proj"], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # 8-bit weights: the scaled model still computes nearly the original function
+        torch.testing.assert_close(model(ids).logits, reference, rtol=0.05, atol=0.05)
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.config = SimpleNamespace(model_type="toy-mlp")
+        self.stem = nn.Linear(4, width)
+        self.blocks = nn.ModuleList(ToyBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class RegisterToyAdapter:
+    @compquant.hookimpl
+    def compquant_register_adapters(self, register):
+        register("toy", ArchitectureAdapter(name="toy", model_types=("toy-mlp",), blocks="blocks",
+                                            groups=(("fc1",), ("fc2",)), norms={"norm": ("fc1",)}))
+
+
+def test_a_new_architecture_needs_only_an_adapter_plugin():
+    torch.manual_seed(0)
+    model = ToyModel()
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(RegisterToyAdapter())
+    inputs = torch.randn(4, 10, 4, generator=torch.Generator().manual_seed(0))
+    config = QuantConfig(solver="gptq", grid={"bits": 4, "group_size": -1}, calibration={"batch_size": 2})
+    report = compquant.quantize(model, config, calibration=inputs, plugin_manager=pm)
+    assert [layer.name for layer in report.layers] == [f"blocks.{i}.{n}" for i in range(3) for n in ("fc1", "fc2")]
+
+
+def test_solver_statistics_decide_what_the_loop_collects():
+    assert GPTQ().statistics(GPTQ().options()) == frozenset({Statistic.HESSIAN})

@@ -1,0 +1,93 @@
+"""The command line, in-process, on a tiny model folder and a tiny local data folder."""
+import json
+
+import pytest
+import torch
+
+from compquant.core.cli import main
+
+
+@pytest.fixture
+def model_dir(make_llama, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "tiny-llama"
+    make_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def quantize_args(model_dir, data_dir, output, *extra):
+    return ["quantize", str(model_dir), "--solver", "gptq", "--bits", "3", "--group-size", "32", "--nsamples", "4",
+            "--seqlen", "16", "--data-dir", str(data_dir), "--output", str(output), "-q", *extra]
+
+
+def test_quantize_writes_model_config_and_report(model_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(quantize_args(model_dir, data_dir, output, "--act-order", "--option", "percdamp=0.05",
+                                    "--option", "static_groups=true")) == 0
+    assert "saved gptq W3 model" in capsys.readouterr().out
+    config = json.loads((output / "compquant.json").read_text())
+    assert config["grid"]["bits"] == 3 and config["solver_options"] == {"act_order": True, "percdamp": 0.05, "static_groups": True}
+    report = json.loads((output / "compquant_report.json").read_text())
+    assert len(report["layers"]) == 14
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    weight = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert max(len(torch.unique(row)) for row in weight[:, :32]) <= 8
+
+
+def test_config_file_is_overridden_by_options(model_dir, data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("solver: rtn\ngrid:\n  bits: 8\n  group_size: -1\n")
+    output = tmp_path / "out"
+    assert main(["quantize", str(model_dir), "--config", str(config), "--bits", "4", "-o", str(output), "-q"]) == 0
+    saved = json.loads((output / "compquant.json").read_text())
+    assert saved["solver"] == "rtn" and saved["grid"] == {**saved["grid"], "bits": 4, "group_size": -1}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--solver", "nope"], "unknown solver 'nope'"),
+        (["--bits", "1"], "grid.bits"),
+        (["--group-size", "0"], "group_size must be a positive number"),
+        (["--option", "percdamp=-1"], "percdamp"),
+    ],
+)
+def test_bad_inputs_are_clear_errors_and_write_nothing(model_dir, data_dir, tmp_path, capsys, change, message):
+    output = tmp_path / "out"
+    assert main(quantize_args(model_dir, data_dir, output, *change)) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_missing_data_file_is_a_clear_error_and_writes_nothing(model_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    output = tmp_path / "out"
+    assert main(quantize_args(model_dir, tmp_path / "no-data", output)) == 2
+    assert "wikitext-2/wiki.valid.tokens" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_output_equal_to_the_input_is_refused(model_dir, data_dir, capsys):
+    before = sorted(p.name for p in model_dir.iterdir())
+    assert main(quantize_args(model_dir, data_dir, model_dir)) == 2
+    assert "overwrite or nest" in capsys.readouterr().err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_eval_prints_and_writes_perplexity(model_dir, data_dir, tmp_path, capsys):
+    result = tmp_path / "ppl.json"
+    assert main(["eval", str(model_dir), "--ppl", "wikitext2", "--seqlen", "16", "--limit", "3",
+                 "--data-dir", str(data_dir), "--json", str(result), "-q"]) == 0
+    assert "wikitext2 perplexity" in capsys.readouterr().out
+    saved = json.loads(result.read_text())
+    assert saved["windows"] == 3 and saved["perplexity"] > 1
+
+
+def test_plugins_lists_kinds_names_and_distributions(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "solver   gptq" in out and "adapter  llama" in out and "compquant (built-in)" in out

@@ -1,0 +1,65 @@
+import copy
+
+import pytest
+import torch
+
+import compquant
+from compquant import QuantConfig
+from compquant.core.errors import OutputPathError
+from compquant.core.saving import check_output, write_text_atomic
+
+
+def test_saved_model_reloads_with_the_same_logits(make_llama, tiny_tokenizer, token_batches, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_llama(tie=True)
+    config = QuantConfig(solver="gptq", grid={"bits": 4, "group_size": 32})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16))
+    output = compquant.save_quantized(model, tiny_tokenizer, tmp_path / "out", config=config, report=report)
+    assert {"model.safetensors", "config.json", "compquant.json", "compquant_report.json"} <= {p.name for p in output.iterdir()}
+    assert QuantConfig.load(output / "compquant.json") == config
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    ids = token_batches(2, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_output_equal_to_or_inside_the_input_is_refused(tmp_path):
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    for output in (source, source / "quantized"):
+        with pytest.raises(OutputPathError, match="overwrite or nest"):
+            check_output(output, source)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(OutputPathError, match="overwrite or nest"):
+        check_output(tmp_path, gguf)
+
+
+def test_existing_output_is_never_overwritten(tmp_path):
+    (tmp_path / "done").mkdir()
+    with pytest.raises(OutputPathError, match="already exists"):
+        check_output(tmp_path / "done", None)
+
+
+def test_a_failed_save_leaves_nothing_behind(make_llama, tmp_path):
+    model = make_llama()
+
+    class Exploding:
+        def save_pretrained(self, folder):
+            (folder / "half-written").write_text("x")
+            raise OSError("disk full")
+
+    report = compquant.quantize(model, QuantConfig(solver="rtn"))
+    with pytest.raises(OSError, match="disk full"):
+        compquant.save_quantized(model, Exploding(), tmp_path / "out", config=QuantConfig(solver="rtn"), report=report)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_text_write_replaces_whole_files(tmp_path):
+    path = write_text_atomic(tmp_path / "sub" / "result.json", '{"a": 1}')
+    write_text_atomic(path, '{"a": 2}')
+    assert path.read_text() == '{"a": 2}'
+    assert [p.name for p in path.parent.iterdir()] == ["result.json"]

