@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from .quantizer import Grid, QuantParams
@@ -48,6 +48,12 @@ class ColumnOptions(SolverOptions):
         description="grid of a group that starts inside a lazy block: from the weights as they stood at "
         "the block start (reference) or from the fully compensated weights",
     )
+
+    @model_validator(mode="after")
+    def _static_groups_have_no_timing(self) -> ColumnOptions:
+        if self.static_groups and "group_timing" in self.model_fields_set:
+            raise ValueError("static_groups computes every grid up front, so group_timing has no meaning with it; drop one")
+        return self
 
 
 @dataclass(frozen=True)

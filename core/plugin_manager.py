@@ -46,6 +46,8 @@ BUILTIN_DISTRIBUTION = "compquant (built-in)"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.rtn",
     "compquant.plugins.gptq",
+    "compquant.plugins.gptaq",
+    "compquant.plugins.rescomp",
     "compquant.models.llama",
 )
 

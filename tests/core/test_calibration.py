@@ -199,3 +199,81 @@ def test_a_new_architecture_needs_only_an_adapter_plugin():
 
 def test_solver_statistics_decide_what_the_loop_collects():
     assert GPTQ().statistics(GPTQ().options()) == frozenset({Statistic.HESSIAN})
+
+
+class RecordingGPTAQ(compquant.Solver):
+    """Wraps GPTAQ and keeps the statistics it was given (copies) and weak references to them."""
+
+    def __init__(self):
+        from compquant.plugins.gptaq import GPTAQ
+
+        self.inner = GPTAQ()
+        self.Options = self.inner.Options
+        self.seen, self.alive = [], []
+
+    def statistics(self, options):
+        return self.inner.statistics(options)
+
+    def solve(self, weight, stats, grid, options):
+        import weakref
+
+        self.alive = [ref for ref in self.alive if ref() is not None]
+        self.seen.append((stats.hessian.clone(), stats.cross.clone(), len({id(ref()) for ref in self.alive})))
+        self.alive.append(weakref.ref(stats.hessian))
+        return self.inner.solve(weight, stats, grid, options)
+
+
+def test_gptaq_cross_term_comes_from_a_streamed_full_precision_model(make_llama, token_batches):
+    """dXXT of every group equals (X̃ − X)Xᵀ with X̃ the *original* model's inputs to that linear and
+    X the final quantized model's; statistics of earlier groups are freed before later solves."""
+    model = make_llama()
+    original = copy.deepcopy(model)
+    calibration = token_batches(4, 16)
+    solver = RecordingGPTAQ()
+
+    class Register:
+        @compquant.hookimpl
+        def compquant_register_solvers(self, register):
+            register("recording-gptaq", solver)
+
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(Register())
+    config = QuantConfig(solver="recording-gptaq", grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                         calibration={"batch_size": 2})
+    report = compquant.quantize(model, config, calibration=calibration, plugin_manager=pm)
+    names = [layer.name for layer in report.layers]
+
+    def inputs(m):
+        seen = {name: [] for name in names}
+        handles = [m.get_submodule(n).register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0])) for n in names]
+        with torch.no_grad():
+            m(calibration, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        return {n: torch.cat(t).reshape(-1, t[0].shape[-1]).double() for n, t in seen.items()}
+
+    quantized, full_precision = inputs(model), inputs(original)
+    # statistics alive when each linear is solved, not counting its own group's: always none
+    shares_with_previous = [0, 1, 1, 0, 0, 1, 0] * 2  # q,k,v | o | gate,up | down, per block
+    for (name, (hessian, cross, alive)), shared in zip(zip(names, solver.seen), shares_with_previous):
+        x, fp = quantized[name], full_precision[name]
+        torch.testing.assert_close(cross, 2 / x.shape[0] * (fp - x).T @ x, rtol=1e-4, atol=1e-6, msg=name)
+        assert alive == shared, name
+    assert solver.seen[0][1].abs().max() == 0  # the first group of the first block sees identical streams
+    assert solver.seen[3][1].abs().max() > 0  # o_proj: its inputs differ once q/k/v are quantized
+
+
+def test_full_precision_stream_only_when_the_solver_asks(make_llama, token_batches, monkeypatch):
+    from compquant.core import calibration as loop
+
+    copies = []
+    real = loop.copy.deepcopy
+    monkeypatch.setattr(loop.copy, "deepcopy", lambda obj, *a: (isinstance(obj, nn.Module) and copies.append(type(obj).__name__)) or real(obj, *a))
+    for solver, expected in (("gptq", 0), ("gptaq", 2), ("rescomp", 2)):
+        copies.clear()
+        compquant.quantize(make_llama(), QuantConfig(solver=solver, grid={"group_size": 32}), calibration=token_batches(2, 8))
+        assert len(copies) == expected, solver
+    copies.clear()
+    config = QuantConfig(solver="rescomp", solver_options={"base": "gptq"}, grid={"group_size": 32})
+    compquant.quantize(make_llama(), config, calibration=token_batches(2, 8))
+    assert copies == []

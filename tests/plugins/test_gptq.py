@@ -1,4 +1,4 @@
-"""GPTQ on single layers: against RTN, against a slow float64 reference of its equations, and on
+"""GPTQ on single layers: against RTN, against the slow float64 reference of its equations, and on
 the edge cases users hit (act_order, static groups, partial groups, dead inputs, non-PD Hessians)."""
 import pytest
 import torch
@@ -10,34 +10,6 @@ from compquant.core.columns import NumericalWarning
 
 def output_error(weight, quantized, inputs):
     return float(((weight - quantized) @ inputs.T).pow(2).sum() / (weight @ inputs.T).pow(2).sum())
-
-
-def reference_gptq(weight, hessian, grid: Grid, *, percdamp=0.01, act_order=False, static_groups=False):
-    """Column by column with explicit inverses of the remaining-columns Hessian; grids of dynamic
-    groups from the fully compensated weights (group_timing='fresh'); float64."""
-    w, h = weight.double().clone(), hessian.double().clone()
-    n = w.shape[1]
-    per_row = grid.find_params(w) if grid.group_size == -1 else None
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    g = grid.group_size if grid.group_size != -1 else n
-    static = [grid.find_params(w[:, s : s + g]) for s in range(0, n, g)] if static_groups and grid.group_size != -1 else None
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(n)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype)
-    codes = torch.zeros_like(w)
-    params = per_row
-    for j in range(n):
-        if static is not None:
-            params = static[int(perm[j]) // g]
-        elif grid.group_size != -1 and j % g == 0:
-            params = grid.find_params(w[:, j : j + g])
-        inverse = torch.linalg.inv(h[j:, j:])
-        codes[:, j] = grid.quantize(w[:, j], params)
-        q = grid.dequantize(codes[:, j], params)
-        w[:, j:] -= torch.outer((w[:, j] - q) / inverse[0, 0], inverse[0])
-    return codes[:, torch.argsort(perm)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -60,16 +32,19 @@ def test_gptq_beats_rtn_on_correlated_inputs(correlated_layer, seed, bits, group
         {"group_size": -1, "act_order": True, "sym": True},
     ],
 )
-def test_gptq_equals_slow_float64_reference(correlated_layer, options):
+@pytest.mark.parametrize("group_timing", ["block", "fresh"])
+def test_gptq_equals_slow_float64_reference(correlated_layer, reference, options, group_timing):
     weight, inputs = correlated_layer(dtype=torch.float64)
-    options = dict(options)
+    options = dict(options, blocksize=16)
+    if not options.get("static_groups"):
+        options["group_timing"] = group_timing
     grid = Grid(bits=3, sym=options.pop("sym", False), group_size=options.pop("group_size"))
     result = quantize_layer(
         weight, inputs, solver="gptq", bits=grid.bits, group_size=grid.group_size, sym=grid.sym,
-        stats_dtype=torch.float64, blocksize=16, group_timing="fresh", **options,
+        stats_dtype=torch.float64, **options,
     )
     hessian = 2 / inputs.shape[0] * inputs.T @ inputs
-    expected = reference_gptq(weight, hessian, grid, **options)
+    expected = reference(weight, hessian, grid, **options)
     assert torch.equal(result.codes.double(), expected)
 
 
@@ -142,3 +117,9 @@ def test_unknown_solver_option_is_a_clear_error(correlated_layer):
     weight, inputs = correlated_layer()
     with pytest.raises(ValueError, match="blocksiz"):
         quantize_layer(weight, inputs, blocksiz=64)
+
+
+def test_static_groups_with_a_group_timing_is_a_clear_error(correlated_layer):
+    weight, inputs = correlated_layer()
+    with pytest.raises(ValueError, match="static_groups.*group_timing"):
+        quantize_layer(weight, inputs, static_groups=True, group_timing="fresh")
