@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     _quant_options(compare)
     compare.add_argument("--solvers", default="rtn,gptq", help="comma-separated solvers (default rtn,gptq)")
     compare.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
-    compare.add_argument("--eval-limit", type=int, default=40, help="evaluation windows (default 40; 0 for all)")
+    compare.add_argument("--eval-limit", type=int, default=64, help="evaluation windows (default 64; 0 for all)")
     compare.add_argument("--json", help="also write the table to this JSON file")
     compare.set_defaults(run=_run_compare)
 
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 # Sized so that `compquant compare` on SmolLM2-135M takes about ten minutes on a 2-core CPU.
 COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"bits": 3, "group_size": 128},
-    "calibration": {"nsamples": 32, "seqlen": 512},
+    "calibration": {"nsamples": 128, "seqlen": 512},
 }
 
 

@@ -149,10 +149,11 @@ def solve_columns(
     extra = list(terms(problem)) if terms is not None else []
 
     grids: list[QuantParams] = static if static is not None else ([per_row] if per_row is not None else [])
-    column_grid = torch.zeros(n, dtype=torch.long, device=w.device)
+    column_grid = [0] * n
+    order = perm.tolist() if perm is not None else list(range(n))
+    low_code, high_code = grid.code_range
     codes = torch.zeros_like(w)
     quantized = torch.zeros_like(w)
-    loss = torch.zeros((), dtype=dtype, device=w.device)
     current = 0
 
     for i1 in range(0, n, options.blocksize):
@@ -168,7 +169,7 @@ def solve_columns(
                 return q_block[:, :done]
             if carry == "compensated":
                 return pre_block[:, :done]
-            low, high = grid.representable_range(grids[int(column_grid[i1 + done - 1])])
+            low, high = grid.representable_range(grids[column_grid[i1 + done - 1]])
             return torch.clamp(pre_block[:, :done], low.unsqueeze(1), high.unsqueeze(1))
 
         def pending(done: int, target: slice) -> Tensor:
@@ -182,43 +183,39 @@ def solve_columns(
         for i in range(i2 - i1):
             j = i1 + i
             if static is not None:
-                current = int(perm[j] if perm is not None else j) // group
+                current = order[j] // group
             elif grid.group_size != -1 and j % group == 0:
                 grids.append(grid.find_params(_group_source(w, block, j, i, i1, i2, group, options, pending)))
                 current = len(grids) - 1
             column_grid[j] = current
-            params = grids[current]
+            scale, zero = grids[current].scale, grids[current].zero
 
-            col = block[:, i].clone()
-            col_codes = grid.quantize(col, params)
-            q = grid.dequantize(col_codes, params)
-            d = u[j, j]
-            err = (col - q) / d
-            loss += torch.sum(err * err) / 2
-            block[:, i:] -= torch.outer(err, u[j, j:i2])
-            for term in extra:
-                block[:, i + 1 :] += torch.outer(
-                    term.coefficient(col.unsqueeze(1), slice(j, j + 1)).squeeze(1), term.matrix[j, j + 1 : i2]
-                )
-            codes[:, j], q_block[:, i], err_block[:, i] = col_codes, q, err
+            col = block[:, i]  # a view: read everything that needs w_j before the updates below
+            col_codes = torch.round(col / scale).add_(zero).clamp_(low_code, high_code)
+            torch.mul(col_codes - zero, scale, out=q_block[:, i])
+            torch.div(col - q_block[:, i], u[j, j], out=err_block[:, i])
+            codes[:, j] = col_codes
             if pre_block is not None:
                 pre_block[:, i] = col
+            for term in extra:  # columns after j only, so w_j is still intact for the next term
+                block[:, i + 1 :].addr_(term.coefficient(col.unsqueeze(1), slice(j, j + 1)).squeeze(1), term.matrix[j, j + 1 : i2])
+            block[:, i:].addr_(err_block[:, i], u[j, j:i2], alpha=-1)
 
         quantized[:, i1:i2] = q_block
         if i2 < n:
             w[:, i2:] += pending(i2 - i1, slice(i2, n))
 
+    g_idx = torch.tensor(column_grid, dtype=torch.long, device=w.device)
     if perm is not None:
         inverse = torch.argsort(perm)
-        quantized, codes, column_grid = quantized[:, inverse], codes[:, inverse], column_grid[inverse]
+        quantized, codes, g_idx = quantized[:, inverse], codes[:, inverse], g_idx[inverse]
     return LayerResult(
         weight=quantized.to(weight.dtype),
         codes=codes.to(torch.int16),
         scale=torch.stack([g.scale for g in grids], dim=1),
         zero=torch.stack([g.zero for g in grids], dim=1),
-        g_idx=column_grid,
+        g_idx=g_idx,
         perm=perm,
-        loss=float(loss),
     )
 
 

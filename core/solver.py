@@ -26,7 +26,6 @@ class LayerResult:
     ``weight`` and ``codes`` have the original weight's shape and column order; ``scale`` and ``zero``
     are (rows, groups). ``g_idx[j]`` is the group of input column ``j`` (with act_order and dynamic
     groups, groups are contiguous in the quantization order ``perm``, so g_idx is not monotone).
-    ``loss`` is the solver's own objective estimate (GPTQ: ½Σ(w−q)²/[H⁻¹]_jj), or None.
     """
 
     weight: Tensor
@@ -35,7 +34,6 @@ class LayerResult:
     zero: Tensor
     g_idx: Tensor
     perm: Tensor | None = None
-    loss: float | None = None
 
 
 class Solver(ABC):
