@@ -23,7 +23,7 @@ from .core.report import LayerReport, QuantReport
 from .core.saving import save_quantized
 from .core.solver import LayerResult, Solver, SolverOptions
 from .core.statistics import LayerStatistics, Statistic
-from .core.transform import Transform, TransformOptions
+from .core.transform import Transform, TransformContext, TransformOptions
 from .evaluation.perplexity import PerplexityResult, perplexity
 from .models.loading import load_model
 
@@ -49,6 +49,7 @@ __all__ = [
     "SolverOptions",
     "Statistic",
     "Transform",
+    "TransformContext",
     "TransformOptions",
     "attach_input_op",
     "create_plugin_manager",

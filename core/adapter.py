@@ -21,6 +21,9 @@ class ArchitectureAdapter:
     block: the calibration loop quantizes one group after another, recomputing the inputs in
     between. The linears of a group must read the same input tensor (they share its statistics).
     ``norms`` maps a norm inside a block to the linears it feeds; ``final_norm`` feeds ``head``.
+    Rotation transforms also need ``residual_writers`` (the linears that add into the residual
+    stream), ``value_output`` (the value projection and the attention output projection, rotated
+    per head) and ``mlp_output`` (the linear after the MLP's nonlinearity).
     """
 
     name: str
@@ -31,6 +34,9 @@ class ArchitectureAdapter:
     embedding: str | None = None
     final_norm: str | None = None
     head: str | None = None
+    residual_writers: tuple[str, ...] = ()
+    value_output: tuple[str, str] | None = None
+    mlp_output: str | None = None
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def matches(self, model: nn.Module) -> bool:

@@ -188,10 +188,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     model = loaded.model.to(device).eval()
     if transforms:
+        from .transform import TransformContext
+
         adapter = registry.adapter_for(model)
         for name, transform in zip(args.transform, transforms):
             log.info("applying transform %s", name)
-            transform.apply(model, adapter, transform.options(), None)
+            transform.apply(model, adapter, transform.options(), TransformContext(seed=args.seed))
     result = perplexity(
         model, loaded.tokenizer, args.ppl, seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir
     )

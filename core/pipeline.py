@@ -14,6 +14,7 @@ from .config import QuantConfig
 from .plugin_manager import build_registry, default_plugin_manager, default_registry
 from .registry import PluginRegistry
 from .report import QuantReport
+from .transform import TransformContext
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ def quantize(
     plan = plan_for(model, config, registry)
     learns = any(registry.transform(name).needs_calibration for name in config.transforms)
     batches = _batches(calibration, config, tokenizer, needed=bool(plan.wanted) or learns)
-    calibration_inputs = torch.cat(list(batches)) if batches else None
+    context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
     for name in config.transforms:
         log.info("applying transform %s", name)
         transform = registry.transform(name)
-        transform.apply(model, plan.adapter, transform.options(config.transform_options.get(name)), calibration_inputs)
+        transform.apply(model, plan.adapter, transform.options(config.transform_options.get(name)), context)
     pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
     report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook)
     pm.hook.compquant_after_calibration(model=model, report=report, config=config)

@@ -48,6 +48,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.gptq",
     "compquant.plugins.gptaq",
     "compquant.plugins.rescomp",
+    "compquant.plugins.quarot",
     "compquant.models.llama",
 )
 

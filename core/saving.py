@@ -12,10 +12,12 @@ from typing import Any
 
 from .config import QuantConfig
 from .errors import OutputPathError
+from .online import describe_input_ops
 from .report import QuantReport
 
 CONFIG_FILE = "compquant.json"
 REPORT_FILE = "compquant_report.json"
+ONLINE_OPS_FILE = "compquant_online_ops.json"
 
 
 def check_output(output: str | Path, source: str | Path | None) -> Path:
@@ -46,7 +48,9 @@ def save_quantized(
     report: QuantReport,
     source: str | Path | None = None,
 ) -> Path:
-    """Save ``model`` (safetensors), its tokenizer, the resolved config and the per-layer report."""
+    """Save ``model`` (safetensors), its tokenizer, the resolved config, the per-layer report and the
+    online input ops transforms attached (`compquant.load_model` re-attaches them; plain
+    `transformers` loading does not know them)."""
     output = check_output(output, source)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
@@ -55,6 +59,9 @@ def save_quantized(
             tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILE).write_text(config.to_json())
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
+        online = describe_input_ops(model)
+        if online:
+            (staging / ONLINE_OPS_FILE).write_text(json.dumps(online, indent=2))
         _fsync_tree(staging)
         os.rename(staging, output)
     except BaseException:

@@ -3,6 +3,7 @@ easier to quantize (rotations, scalings). Plugins subclass `Transform` and regis
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -11,6 +12,17 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from .adapter import ArchitectureAdapter
+    from .quantizer import Grid
+
+
+@dataclass(frozen=True)
+class TransformContext:
+    """What a transform may use besides the model: the run's calibration inputs (None when only
+    evaluating), the weight grid that will follow (None when only evaluating), and the run's seed."""
+
+    calibration: Tensor | None = None
+    grid: Grid | None = None
+    seed: int = 0
 
 
 class TransformOptions(BaseModel):
@@ -40,7 +52,6 @@ class Transform(ABC):
         model: nn.Module,
         adapter: ArchitectureAdapter,
         options: TransformOptions,
-        calibration: Tensor | None = None,
+        context: TransformContext,
     ) -> None:
-        """Transform ``model`` without changing its function. ``calibration`` holds the calibration
-        batches for transforms that learn from data, and is None when only evaluating."""
+        """Transform ``model`` in place without changing its function."""

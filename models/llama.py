@@ -21,6 +21,9 @@ LLAMA = ArchitectureAdapter(
     embedding="model.embed_tokens",
     final_norm="model.norm",
     head="lm_head",
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value_output=("self_attn.v_proj", "self_attn.o_proj"),
+    mlp_output="mlp.down_proj",
     forward_kwargs={"use_cache": False},
 )
 

@@ -3,6 +3,7 @@ preset or the Hugging Face hub. Every source except the hub works offline."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 import torch
 
 from ..core.errors import ModelLoadError
+from ..core.online import restore_input_ops
+from ..core.saving import ONLINE_OPS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
         raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    online = path / ONLINE_OPS_FILE
+    if online.is_file():
+        restore_input_ops(model, json.loads(online.read_text()))
+        log.info("re-attached the online input operations recorded in %s", online)
     return LoadedModel(model, tokenizer, str(path))
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import compquant
 from compquant import ArchitectureAdapter, QuantConfig, Statistic
-from compquant.core.online import attach_input_op, input_ops
+from compquant.core.online import InputOp, attach_input_op, input_ops
 from compquant.core.plugin_manager import create_plugin_manager
 from compquant.plugins.gptq import GPTQ
 
@@ -109,10 +109,13 @@ def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, tok
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, before)
 
 
-class Scale(nn.Module):
+class Scale(InputOp):
     def __init__(self, factor: float):
         super().__init__()
         self.register_buffer("factor", torch.tensor(factor))
+
+    def init_kwargs(self):
+        return {"factor": float(self.factor)}
 
     def forward(self, x):
         return x * self.factor
@@ -121,7 +124,7 @@ class Scale(nn.Module):
 class ScaleOProj(compquant.Transform):
     """Function-preserving: o_proj's input is doubled online, its weight halved offline."""
 
-    def apply(self, model, adapter, options, calibration=None):
+    def apply(self, model, adapter, options, context):
         for block in adapter.block_list(model):
             linear = block.get_submodule("self_attn.o_proj")
             attach_input_op(linear, Scale(2.0))

@@ -1,5 +1,6 @@
 """The command line, in-process, on a tiny model folder and a tiny local data folder."""
 import json
+import re
 
 import pytest
 import torch
@@ -90,4 +91,15 @@ def test_eval_prints_and_writes_perplexity(model_dir, data_dir, tmp_path, capsys
 def test_plugins_lists_kinds_names_and_distributions(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    assert "solver   gptq" in out and "adapter  llama" in out and "compquant (built-in)" in out
+    for kind, name in (("solver", "gptq"), ("solver", "rescomp"), ("transform", "quarot"), ("adapter", "llama")):
+        assert re.search(rf"^{kind}\s+{name}\s+compquant\.\S+\s+compquant \(built-in\)$", out, re.M), (kind, name)
+
+
+def test_eval_with_quarot_shows_the_rotation_preserves_perplexity(model_dir, data_dir, tmp_path):
+    results = {}
+    for transforms in ([], ["--transform", "quarot"]):
+        path = tmp_path / f"ppl{len(transforms)}.json"
+        assert main(["eval", str(model_dir), "--seqlen", "16", "--limit", "4", "--data-dir", str(data_dir),
+                     "--json", str(path), "-q", *transforms]) == 0
+        results[len(transforms)] = json.loads(path.read_text())["perplexity"]
+    assert abs(results[2] - results[0]) / results[0] < 1e-3

@@ -1,0 +1,149 @@
+"""QuaRot (Ashkboos et al., 2024): rotate the full-precision model so that its weights have no
+outliers, without changing its function (algorithms.md §4), for RMSNorm models.
+
+In order: untie a tied head, fold each RMSNorm's scale into the linears that read it (the norms
+become scale-free and so rotation-invariant), rotate the residual stream by R1 (embedding, every
+reader and writer of the residual, the head), rotate each attention head's value/output pair by R2
+(per head, fully offline, as SpinQuant places it), and put an online Hadamard R4 in front of the
+MLP's output projection (its weight takes the matching rotation). All edits run in float64.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..core.adapter import ArchitectureAdapter
+from ..core.online import attach_input_op
+from ..core.plugin_manager import hookimpl
+from ..core.transform import Transform, TransformContext, TransformOptions
+from .hadamard import HadamardSizeError, OnlineHadamard, hadamard, random_hadamard, random_orthogonal
+
+log = logging.getLogger(__name__)
+
+
+class QuaRotOptions(TransformOptions):
+    rotation: Literal["hadamard", "random"] = Field("hadamard", description="R1/R2: randomized Hadamard or random orthogonal")
+    fallback_random: bool = Field(False, description="use a random orthogonal R1/R2 where no Hadamard of the size exists")
+    r2: bool = Field(True, description="rotate each head's value/output pair")
+    r4: bool = Field(True, description="online Hadamard in front of the MLP output projection")
+
+
+class QuaRot(Transform):
+    Options = QuaRotOptions
+
+    def apply(self, model: nn.Module, adapter: ArchitectureAdapter, options: QuaRotOptions, context: TransformContext) -> None:
+        generator = torch.Generator().manual_seed(context.seed)
+        prepare_for_rotation(model, adapter)
+        hidden = model.get_submodule(adapter.embedding).weight.shape[1]
+        rotate_residual(model, adapter, rotation_matrix(hidden, options, generator))
+        if options.r2:
+            head_dim = _head_dim(model)
+            rotate_heads(model, adapter, [rotation_matrix(head_dim, options, generator) for _ in adapter.block_list(model)])
+        if options.r4:
+            rotate_mlp_output(model, adapter)
+
+
+def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) -> Tensor:
+    if options.rotation == "random":
+        return random_orthogonal(n, generator)
+    try:
+        return random_hadamard(n, generator)
+    except HadamardSizeError:
+        if not options.fallback_random:
+            raise
+        log.warning("no Hadamard matrix of size %d; using a seeded random orthogonal matrix", n)
+        return random_orthogonal(n, generator)
+
+
+def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    missing = [f for f in ("embedding", "final_norm", "head") if getattr(adapter, f) is None]
+    if missing or not adapter.residual_writers:
+        raise ValueError(f"adapter {adapter.name!r} does not describe {missing or ['residual_writers']}, which rotations need")
+    for block in adapter.block_list(model):
+        for norm_name in adapter.norms:
+            norm = block.get_submodule(norm_name)
+            if getattr(norm, "bias", None) is not None or isinstance(norm, nn.LayerNorm):
+                raise ValueError(
+                    f"{type(norm).__name__} {norm_name!r} subtracts the mean or adds a bias, so a rotation does not "
+                    "commute with it; rotation transforms support RMSNorm models only"
+                )
+
+
+def _scale(module: nn.Module, weight: Tensor) -> None:
+    module.weight.data = weight.to(module.weight.dtype)
+
+
+def prepare_for_rotation(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Untie the head and fold every norm's scale into its readers; the model's function is kept."""
+    _check_rotatable(model, adapter)
+    embedding, head = model.get_submodule(adapter.embedding), model.get_submodule(adapter.head)
+    if head.weight is embedding.weight:
+        log.info("untying %s from %s: the folded final norm makes them differ", adapter.head, adapter.embedding)
+        head.weight = nn.Parameter(embedding.weight.detach().clone())
+        if hasattr(model, "config"):
+            model.config.tie_word_embeddings = False
+    norms = [(block.get_submodule(n), [block.get_submodule(r) for r in readers])
+             for block in adapter.block_list(model) for n, readers in adapter.norms.items()]
+    norms.append((model.get_submodule(adapter.final_norm), [head]))
+    for norm, readers in norms:
+        scale = norm.weight.data.double()
+        for reader in readers:
+            _scale(reader, reader.weight.data.double() * scale)
+        norm.weight.data.fill_(1.0)
+
+
+def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, rotation: Tensor) -> None:
+    """h ↦ h·Q on the residual stream: the embedding and the writers' outputs turn, the readers undo it."""
+    embedding = model.get_submodule(adapter.embedding)
+    _scale(embedding, embedding.weight.data.double() @ rotation)
+    readers = [model.get_submodule(adapter.head)]
+    for block in adapter.block_list(model):
+        readers += [block.get_submodule(r) for rs in adapter.norms.values() for r in rs]
+        for name in adapter.residual_writers:
+            writer = block.get_submodule(name)
+            _scale(writer, rotation.T @ writer.weight.data.double())
+            if writer.bias is not None:
+                writer.bias.data = (writer.bias.data.double() @ rotation).to(writer.bias.dtype)
+    for reader in readers:
+        _scale(reader, reader.weight.data.double() @ rotation)
+
+
+def rotate_heads(model: nn.Module, adapter: ArchitectureAdapter, rotations: list[Tensor]) -> None:
+    """Each value head's output v ↦ v·R (one R per block, shared by its heads); the attention output
+    projection undoes it per head. Attention is linear in V, so the function is kept."""
+    if adapter.value_output is None:
+        raise ValueError(f"adapter {adapter.name!r} does not name its value/output projections; disable r2")
+    value_name, output_name = adapter.value_output
+    for block, rotation in zip(adapter.block_list(model), rotations):
+        value, output = block.get_submodule(value_name), block.get_submodule(output_name)
+        head_dim = rotation.shape[0]
+        w = value.weight.data.double().reshape(-1, head_dim, value.in_features)
+        _scale(value, torch.einsum("dk,hdi->hki", rotation, w).reshape(value.weight.shape))
+        if value.bias is not None:
+            value.bias.data = (value.bias.data.double().reshape(-1, head_dim) @ rotation).reshape(-1).to(value.bias.dtype)
+        o = output.weight.data.double().reshape(output.out_features, -1, head_dim)
+        _scale(output, (o @ rotation).reshape(output.weight.shape))
+
+
+def rotate_mlp_output(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Online Hadamard on the MLP output projection's input, its weight W ↦ W·Hᵀ."""
+    if adapter.mlp_output is None:
+        raise ValueError(f"adapter {adapter.name!r} does not name its MLP output projection; disable r4")
+    for block in adapter.block_list(model):
+        linear = block.get_submodule(adapter.mlp_output)
+        _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
+        attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
+
+
+def _head_dim(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@hookimpl
+def compquant_register_transforms(register) -> None:
+    register("quarot", QuaRot())

@@ -1,0 +1,90 @@
+"""QuaRot keeps the model's function, composes with every solver, and survives a save and load."""
+import copy
+
+import pytest
+import torch
+
+import compquant
+from compquant import QuantConfig
+from compquant.core.online import input_ops
+from compquant.models.llama import LLAMA
+from compquant.plugins.hadamard import OnlineHadamard
+from compquant.core.transform import TransformContext
+from compquant.plugins.quarot import QuaRot
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("tie, kv_heads", [(False, 4), (True, 2), (True, 1)])
+@pytest.mark.parametrize("rotation", ["hadamard", "random"])
+def test_quarot_preserves_the_function(make_llama, token_batches, tie, kv_heads, rotation):
+    model = make_llama(tie=tie, kv_heads=kv_heads)
+    ids = token_batches(2, 24, seed=4)
+    reference = logits(model, ids)
+    transform = QuaRot()
+    transform.apply(model, LLAMA, transform.options({"rotation": rotation}), TransformContext())
+    rotated = logits(model, ids)
+    assert (rotated - reference).norm() / reference.norm() < 1e-4
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert all(torch.all(block.input_layernorm.weight == 1) for block in model.model.layers)
+    assert [type(op) for op in input_ops(model.model.layers[0].mlp.down_proj)] == [OnlineHadamard]
+
+
+def test_quarot_spreads_weight_outliers_and_shrinks_rtn_error(make_llama):
+    model = make_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:, 5] *= 40  # an outlier input channel
+
+    def kurtosis(w):
+        w = w.detach()
+        return float(((w - w.mean()) ** 4).mean() / w.var() ** 2)
+
+    def rtn_error(w):
+        w = w.detach()
+        return float((compquant.quantize_layer(w, None, solver="rtn", bits=4, group_size=-1).weight - w).norm() / w.norm())
+
+    up = model.model.layers[0].mlp.up_proj
+    before = (kurtosis(up.weight), rtn_error(up.weight))
+    QuaRot().apply(model, LLAMA, QuaRot().options(), TransformContext())
+    assert kurtosis(up.weight) < before[0] / 5
+    assert rtn_error(up.weight) < before[1] / 2
+
+
+@pytest.mark.parametrize("solver, options", [("rtn", {}), ("gptq", {}), ("gptaq", {}), ("rescomp", {}), ("rescomp", {"base": "gptq"})])
+def test_quarot_composes_with_every_solver(make_llama, token_batches, solver, options):
+    model = make_llama(tie=True)
+    calibration = token_batches(2, 16)
+    config = QuantConfig(solver=solver, solver_options=options, transforms=["quarot"], grid={"bits": 4, "group_size": 32})
+    report = compquant.quantize(model, config, calibration=calibration)
+    assert len(report.layers) == 14
+    assert len(input_ops(model.model.layers[1].mlp.down_proj)) == 1  # rotated once, not once per pass
+    assert torch.isfinite(logits(model, calibration)).all()
+
+
+def test_saved_rotated_model_restores_its_online_ops(make_llama, tiny_tokenizer, token_batches, tmp_path):
+    model = make_llama(tie=True)
+    config = QuantConfig(solver="gptq", transforms=["quarot"], grid={"bits": 4, "group_size": 32})
+    report = compquant.quantize(model, config, calibration=token_batches(2, 16))
+    output = compquant.save_quantized(model, tiny_tokenizer, tmp_path / "rotated", config=config, report=report)
+    reloaded = compquant.load_model(str(output)).model
+    assert [type(op) for op in input_ops(reloaded.model.layers[0].mlp.down_proj)] == [OnlineHadamard]
+    ids = token_batches(2, 16, seed=3)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_layernorm_models_are_refused_with_a_reason():
+    from torch import nn
+
+    from compquant.plugins.quarot import prepare_for_rotation
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.ModuleDict({"norm": nn.LayerNorm(8), "fc": nn.Linear(8, 8), "out": nn.Linear(8, 8)})])
+    model.embed, model.final, model.head = nn.Embedding(4, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+    adapter = compquant.ArchitectureAdapter(name="ln", model_types=(), blocks="blocks", groups=(("fc",), ("out",)),
+                                            norms={"norm": ("fc",)}, embedding="embed", final_norm="final", head="head",
+                                            residual_writers=("out",))
+    with pytest.raises(ValueError, match="RMSNorm models only"):
+        prepare_for_rotation(model, adapter)
