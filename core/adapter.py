@@ -50,8 +50,8 @@ class ArchitectureAdapter:
             raise TypeError(f"adapter {self.name!r}: {self.blocks!r} is a {type(blocks).__name__}, not a ModuleList")
         return blocks
 
-    def linears(self, block: nn.Module) -> list[str]:
-        """The quantizable linears of one block, in the order they are quantized."""
+    def linears(self) -> list[str]:
+        """The quantizable linears of every block, in the order they are quantized."""
         return [name for group in self.groups for name in group]
 
     def run(self, model: nn.Module, batch: Any) -> Any:

@@ -49,6 +49,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.gptaq",
     "compquant.plugins.rescomp",
     "compquant.plugins.quarot",
+    "compquant.plugins.spinquant",
     "compquant.models.llama",
 )
 

@@ -23,6 +23,7 @@ def test_saved_model_reloads_with_the_same_logits(make_llama, tiny_tokenizer, to
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    assert output.stat().st_mode & 0o055  # readable by others, as a folder made with mkdir would be
 
 
 def test_output_equal_to_or_inside_the_input_is_refused(tmp_path):
@@ -63,3 +64,4 @@ def test_atomic_text_write_replaces_whole_files(tmp_path):
     write_text_atomic(path, '{"a": 2}')
     assert path.read_text() == '{"a": 2}'
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]
+    assert path.stat().st_mode & 0o044
