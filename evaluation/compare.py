@@ -74,7 +74,7 @@ def compare(
     *,
     solvers: tuple[str, ...] = ("rtn", "gptq"),
     eval_seqlen: int = 512,
-    eval_limit: int | None = 40,
+    eval_limit: int | None = 64,
     data_dir: str | Path | None = None,
 ) -> CompareResult:
     """Load ``model`` once, evaluate it in full precision, then quantize a copy with each solver under
