@@ -38,16 +38,18 @@ class ArchitectureAdapter:
     value_output: tuple[str, str] | None = None
     mlp_output: str | None = None
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    model_classes: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
-        """Whether this adapter describes ``model``; by default from ``model.config.model_type``."""
+        """Whether this adapter describes ``model``: by ``model.config.model_type`` (transformers) or
+        by the model's class name (``model_classes``, for libraries without a config object)."""
         config = getattr(model, "config", None)
-        return getattr(config, "model_type", None) in self.model_types
+        return getattr(config, "model_type", None) in self.model_types or type(model).__name__ in self.model_classes
 
-    def block_list(self, model: nn.Module) -> nn.ModuleList:
+    def block_list(self, model: nn.Module) -> nn.ModuleList | nn.Sequential:
         blocks = model.get_submodule(self.blocks)
-        if not isinstance(blocks, nn.ModuleList):
-            raise TypeError(f"adapter {self.name!r}: {self.blocks!r} is a {type(blocks).__name__}, not a ModuleList")
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise TypeError(f"adapter {self.name!r}: {self.blocks!r} is a {type(blocks).__name__}, not a ModuleList or Sequential")
         return blocks
 
     def linears(self) -> list[str]:

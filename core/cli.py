@@ -46,14 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("model", nargs="?", help=f"local folder, .gguf file, hub name or preset ({DEFAULT_MODEL})")
     _quant_options(quantize)
     quantize.add_argument("--output", "-o", help="folder to create for the quantized model (must not exist)")
+    quantize.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
     quantize.set_defaults(run=_run_quantize)
 
     evaluate = commands.add_parser("eval", help="evaluate an original or saved model")
     evaluate.add_argument("model", help="local folder, .gguf file, hub name, preset, or a compquant output folder")
-    evaluate.add_argument("--ppl", default="wikitext2", help="perplexity dataset (default wikitext2)")
+    evaluate.add_argument("--ppl", default="wikitext2", help="perplexity dataset (default wikitext2; language models)")
+    evaluate.add_argument("--imagefolder", help="top-1 accuracy on this image folder, one sub-folder per class (vision models)")
+    evaluate.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     evaluate.add_argument("--limit", type=int, help="evaluate at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    evaluate.add_argument("--batch-size", type=int, help="windows (default 1) or images (default 256) per forward pass")
     evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
     evaluate.add_argument("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
@@ -166,7 +169,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         registry.transform(name).options(config.transform_options.get(name))
     source = resolve_model_path(config.model)
     check_output(config.output, source)
-    loaded = load_model(config.model)
+    loaded = load_model(config.model, checkpoint=args.checkpoint)
     report = quantize(loaded.model, config, tokenizer=loaded.tokenizer)
     saved = save_quantized(loaded.model, loaded.tokenizer, config.output, config=config, report=report, source=source)
     error = report.mean_relative_error
@@ -185,7 +188,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     registry = registry_for(None)
     transforms = [registry.transform(name) for name in args.transform]
     device = resolve_device(args.device)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
     if transforms:
         from .transform import TransformContext
@@ -194,11 +197,18 @@ def _run_eval(args: argparse.Namespace) -> int:
         for name, transform in zip(args.transform, transforms):
             log.info("applying transform %s", name)
             transform.apply(model, adapter, transform.options(), TransformContext(seed=args.seed))
-    result = perplexity(
-        model, loaded.tokenizer, args.ppl, seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir
-    )
-    print(f"{loaded.source}: {result.dataset} perplexity {result.perplexity:.4f} "
-          f"({result.windows} windows x {result.seqlen} tokens)")
+    if loaded.is_vision:
+        from ..evaluation.images import top1_accuracy
+
+        if not args.imagefolder:
+            raise ValueError(f"{args.model} is a vision model: give --imagefolder DIR (one sub-folder per class)")
+        result = top1_accuracy(model, args.imagefolder, batch_size=args.batch_size or 256, limit=args.limit)
+        print(f"{loaded.source}: top-1 {100 * result.top1:.2f}% on {result.images} images of {result.folder}")
+    else:
+        result = perplexity(model, loaded.tokenizer, args.ppl, seqlen=args.seqlen, limit=args.limit,
+                            batch_size=args.batch_size or 1, data_dir=args.data_dir)
+        print(f"{loaded.source}: {result.dataset} perplexity {result.perplexity:.4f} "
+              f"({result.windows} windows x {result.seqlen} tokens)")
     if args.json:
         write_text_atomic(args.json, json.dumps({"model": loaded.source, "transforms": args.transform, **result.to_dict()}, indent=2))
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -70,7 +71,7 @@ def quantize(
     registry = registry_for(plugin_manager)
     plan = plan_for(model, config, registry)
     learns = any(registry.transform(name).needs_calibration for name in config.transforms)
-    batches = _batches(calibration, config, tokenizer, needed=bool(plan.wanted) or learns)
+    batches = _batches(calibration, config, tokenizer, model, needed=bool(plan.wanted) or learns)
     context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
     for name in config.transforms:
         log.info("applying transform %s", name)
@@ -82,23 +83,37 @@ def quantize(
     return report
 
 
+def _calibration_from_config(model: nn.Module, config: QuantConfig, tokenizer: Any | None) -> Tensor:
+    """Token windows for a language model, images for a vision model (dataset = an image folder)."""
+    cal = config.calibration
+    if tokenizer is not None:
+        from ..evaluation.datasets import calibration_windows
+
+        return calibration_windows(
+            tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed, data_dir=config.data_dir
+        )
+    if Path(cal.dataset).expanduser().is_dir():
+        from ..evaluation.images import calibration_images
+
+        return calibration_images(model, cal.dataset, nsamples=cal.nsamples, seed=config.seed)
+    raise ValueError(
+        f"solver {config.solver!r} needs calibration data: pass calibration=<inputs>, a tokenizer so that windows can "
+        f"be drawn from {cal.dataset!r}, or (vision models) set calibration.dataset to an image folder"
+    )
+
+
 def _batches(
-    calibration: Tensor | Sequence[Tensor] | None, config: QuantConfig, tokenizer: Any | None, *, needed: bool
+    calibration: Tensor | Sequence[Tensor] | None,
+    config: QuantConfig,
+    tokenizer: Any | None,
+    model: nn.Module,
+    *,
+    needed: bool,
 ) -> list[Tensor] | None:
     if calibration is None:
         if not needed:
             return None
-        if tokenizer is None:
-            raise ValueError(
-                f"solver {config.solver!r} needs calibration data: pass calibration=<token ids> or a tokenizer "
-                f"so that windows can be drawn from {config.calibration.dataset!r}"
-            )
-        from ..evaluation.datasets import calibration_windows
-
-        cal = config.calibration
-        calibration = calibration_windows(
-            tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed, data_dir=config.data_dir
-        )
+        calibration = _calibration_from_config(model, config, tokenizer)
     if isinstance(calibration, Tensor):
         return list(calibration.split(config.calibration.batch_size))
     return list(calibration)

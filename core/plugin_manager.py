@@ -51,6 +51,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.quarot",
     "compquant.plugins.spinquant",
     "compquant.models.llama",
+    "compquant.models.deit",
 )
 
 

@@ -54,7 +54,12 @@ def save_quantized(
     output = check_output(output, source)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(staging, safe_serialization=True)
+        else:  # a timm model: config.json and model.safetensors that timm's local-dir: loader reads
+            from timm.models import save_for_hf
+
+            save_for_hf(model, staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILE).write_text(config.to_json())

@@ -53,12 +53,23 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class LoadedModel:
     model: Any
     tokenizer: Any
+    """The tokenizer of a language model; None for a vision model."""
     source: str
     """Where it came from: a resolved local path, or the hub name."""
 
+    @property
+    def is_vision(self) -> bool:
+        return self.tokenizer is None
+
+
+TIMM_PREFIX = "timm:"
+
 
 def resolve_model_path(spec: str) -> Path | None:
-    """The local file or folder ``spec`` names (a preset resolves to its GGUF), or None for a hub name."""
+    """The local file or folder ``spec`` names (a preset resolves to its GGUF), or None for a hub
+    or timm model name."""
+    if spec.startswith(TIMM_PREFIX):
+        return None
     if spec in PRESETS:
         return PRESETS[spec].path()
     path = Path(spec).expanduser()
@@ -72,11 +83,14 @@ def resolve_model_path(spec: str) -> Path | None:
     )
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``spec``: a folder with config.json, a .gguf file (or a folder holding one), a preset
-    name, or a hub name."""
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None) -> LoadedModel:
+    """Load ``spec``: a folder with config.json (transformers or timm), a .gguf file (or a folder
+    holding one), a preset name, a hub name, or ``timm:NAME`` (with ``checkpoint``, a local
+    safetensors or .pth file, or else timm's pretrained weights from its hub)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.startswith(TIMM_PREFIX):
+        return LoadedModel(_timm_by_name(spec[len(TIMM_PREFIX) :], checkpoint).to(dtype).eval(), None, spec)
     path = resolve_model_path(spec)
     if path is None:
         try:
@@ -99,6 +113,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
         return LoadedModel(model, tokenizer, str(gguf))
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
+    if "architecture" in json.loads((path / "config.json").read_text()):  # timm's save_for_hf layout
+        import timm
+
+        return LoadedModel(timm.create_model(f"local-dir:{path}", pretrained=True).to(dtype).eval(), None, str(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     online = path / ONLINE_OPS_FILE
@@ -119,3 +137,20 @@ def _gguf_file(path: Path) -> Path | None:
     if len(files) > 1:
         raise ModelLoadError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
     return files[0] if files else None
+
+
+def _timm_by_name(name: str, checkpoint: str | Path | None):
+    import timm
+
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint).expanduser()
+        if not checkpoint.is_file():
+            raise ModelLoadError(f"checkpoint {checkpoint} does not exist")
+        return timm.create_model(name, pretrained=False, checkpoint_path=str(checkpoint))
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as error:  # offline, or an unknown name
+        raise ModelLoadError(
+            f"could not load timm model {name!r} with pretrained=True ({type(error).__name__}: {error}); "
+            "give a local checkpoint (safetensors or a timm .pth) with --checkpoint, or a folder saved by timm"
+        ) from error
