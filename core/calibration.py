@@ -7,8 +7,12 @@ inputs are propagated through the quantized block to become the next block's inp
 current block sits on the compute device.
 
 When the solver asks for the cross term, a second, full-precision stream runs beside the quantized
-one through an unquantized copy of the current block, and ``dXXT`` is accumulated while both
-streams run: the full-precision inputs of every linear are never cached.
+one, and ``dXXT`` is accumulated while both streams run. The full-precision inputs each group of the
+current block needs are either recomputed per group through an unquantized copy of the block
+(``stream``: memory of one block copy) or captured in one pass of the still-unquantized block before
+its first group is solved (``cache``: one forward instead of one per group, memory of tokens × the
+group input widths of one block). ``auto`` caches when that fits ``fp_cache_mib``. Nothing is kept
+beyond the current block.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +60,8 @@ class CalibrationPlan:
     grid: Grid
     device: torch.device
     stats_dtype: torch.dtype = torch.float32
+    fp_inputs: Literal["auto", "stream", "cache"] = "auto"
+    fp_cache_bytes: int = 2 * 2**30
 
     @property
     def wanted(self) -> frozenset[Statistic]:
@@ -86,10 +92,12 @@ def calibrate(
             fp_stream = _Stream(list(stream.hidden), stream.kwargs) if Statistic.CROSS in wanted else None
         for index, block in enumerate(progress(blocks, desc=f"{plan.solver_name} blocks")):
             block.to(plan.device)
-            fp_block = copy.deepcopy(block) if fp_stream is not None else None
+            full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             prefix = f"{plan.adapter.blocks}.{index}"
-            for group in plan.adapter.groups:
-                stats = _group_statistics(block, fp_block, group[0], stream, fp_stream, plan, prefix) if wanted else None
+            for group_index, group in enumerate(plan.adapter.groups):
+                stats = None
+                if wanted:
+                    stats = _group_statistics(block, group_index, stream, full_precision, plan, prefix)
                 for name in group:
                     layer = block.get_submodule(name)
                     layer_report, result = _quantize_linear(layer, f"{prefix}.{name}", stats, plan)
@@ -99,9 +107,9 @@ def calibrate(
                 del stats
             if stream is not None:
                 stream.hidden = _run_block(block, stream)
-            if fp_stream is not None:
-                fp_stream.hidden = _run_block(fp_block, fp_stream)
-            del fp_block
+            if full_precision is not None:
+                fp_stream.hidden = full_precision.next_hidden()
+            del full_precision
             block.to(home)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
@@ -159,24 +167,72 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequen
     return stream
 
 
+class _FullPrecisionInputs:
+    """The full-precision inputs of every group of the current block, and the block's full-precision
+    outputs, computed from the full-precision stream while the block is still unquantized."""
+
+    def __init__(self, block: nn.Module, plan: CalibrationPlan, fp_stream: _Stream) -> None:
+        self.firsts = [group[0] for group in plan.adapter.groups]
+        self.stream = fp_stream
+        widths = sum(block.get_submodule(name).in_features for name in self.firsts)
+        example = fp_stream.hidden[0]
+        size = sum(h.shape[:-1].numel() for h in fp_stream.hidden) * widths * example.element_size()
+        cache = plan.fp_inputs == "cache" or (plan.fp_inputs == "auto" and size <= plan.fp_cache_bytes)
+        log.debug("full-precision inputs: %s (%.0f MiB if cached)", "cached" if cache else "streamed", size / 2**20)
+        self.copy: nn.Module | None = None if cache else copy.deepcopy(block)
+        self.cached: list[list[Tensor]] | None = None
+        self.outputs: list[Tensor] | None = None
+        if cache:
+            self.cached, self.outputs = _capture_group_inputs(block, self.firsts, fp_stream)
+
+    def inputs(self, group_index: int, batch_index: int) -> Tensor:
+        if self.cached is not None:
+            return self.cached[group_index][batch_index]
+        hidden, kwargs = self.stream.hidden[batch_index], self.stream.kwargs[batch_index]
+        return _input_of(self.copy, self.firsts[group_index], hidden, kwargs)
+
+    def release(self, group_index: int) -> None:
+        """The group's statistics are complete: its cached inputs are no longer needed."""
+        if self.cached is not None:
+            self.cached[group_index] = []
+
+    def next_hidden(self) -> list[Tensor]:
+        return self.outputs if self.outputs is not None else _run_block(self.copy, self.stream)
+
+
+def _capture_group_inputs(block: nn.Module, firsts: list[str], stream: _Stream) -> tuple[list[list[Tensor]], list[Tensor]]:
+    """One full pass of ``block`` per batch, keeping each named linear's input and the block output."""
+    captured: list[list[Tensor]] = [[] for _ in firsts]
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(lambda module, args, i=i: captured[i].append(args[0]))
+        for i, name in enumerate(firsts)
+    ]
+    try:
+        outputs = _run_block(block, stream)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, outputs
+
+
 def _group_statistics(
     block: nn.Module,
-    fp_block: nn.Module | None,
-    first: str,
+    group_index: int,
     stream: _Stream,
-    fp_stream: _Stream | None,
+    full_precision: _FullPrecisionInputs | None,
     plan: CalibrationPlan,
     prefix: str,
 ) -> LayerStatistics:
+    first = plan.adapter.groups[group_index][0]
     accumulator: StatisticsAccumulator | None = None
     for index, hidden in enumerate(stream.hidden):
         inputs = _input_of(block, first, hidden, stream.kwargs[index])
-        fp_inputs = None
-        if fp_block is not None and fp_stream is not None:
-            fp_inputs = _input_of(fp_block, first, fp_stream.hidden[index], fp_stream.kwargs[index])
+        fp_inputs = full_precision.inputs(group_index, index) if full_precision is not None else None
         if accumulator is None:
             accumulator = StatisticsAccumulator(inputs.shape[-1], plan.wanted, dtype=plan.stats_dtype, device=plan.device)
         accumulator.add(inputs, fp_inputs)
+    if full_precision is not None:
+        full_precision.release(group_index)
     try:
         return accumulator.result()
     except NonFiniteStatisticsError as error:

@@ -44,6 +44,12 @@ class CalibrationConfig(_Strict):
     nsamples: int = Field(128, ge=1, description="number of random windows")
     seqlen: int = Field(2048, ge=1, description="tokens per window")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    fp_inputs: Literal["auto", "stream", "cache"] = Field(
+        "auto",
+        description="full-precision inputs for GPTAQ/ResComp: recomputed per group (stream), captured once per "
+        "block (cache), or cache when it fits fp_cache_mib (auto)",
+    )
+    fp_cache_mib: int = Field(2048, ge=0, description="memory allowed for cached full-precision inputs of one block")
 
 
 class QuantConfig(_Strict):

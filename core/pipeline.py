@@ -50,6 +50,8 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         grid=config.grid.grid(),
         device=resolve_device(config.device),
         stats_dtype=getattr(torch, config.stats_dtype),
+        fp_inputs=config.calibration.fp_inputs,
+        fp_cache_bytes=config.calibration.fp_cache_mib * 2**20,
     )
 
 

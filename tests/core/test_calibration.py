@@ -269,14 +269,31 @@ def test_gptaq_cross_term_comes_from_a_streamed_full_precision_model(make_llama,
 def test_full_precision_stream_only_when_the_solver_asks(make_llama, token_batches, monkeypatch):
     from compquant.core import calibration as loop
 
+    made = []
+    real = loop._FullPrecisionInputs.__init__
+    monkeypatch.setattr(loop._FullPrecisionInputs, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    for solver, options, expected in (("gptq", {}, 0), ("gptaq", {}, 2), ("rescomp", {}, 2), ("rescomp", {"base": "gptq"}, 0)):
+        made.clear()
+        config = QuantConfig(solver=solver, solver_options=options, grid={"group_size": 32})
+        compquant.quantize(make_llama(), config, calibration=token_batches(2, 8))
+        assert len(made) == expected, (solver, options)
+
+
+@pytest.mark.parametrize("solver", ["gptaq", "rescomp"])
+def test_cached_and_streamed_full_precision_inputs_give_the_same_model(make_llama, token_batches, solver, monkeypatch):
+    from compquant.core import calibration as loop
+
     copies = []
     real = loop.copy.deepcopy
-    monkeypatch.setattr(loop.copy, "deepcopy", lambda obj, *a: (isinstance(obj, nn.Module) and copies.append(type(obj).__name__)) or real(obj, *a))
-    for solver, expected in (("gptq", 0), ("gptaq", 2), ("rescomp", 2)):
+    monkeypatch.setattr(loop.copy, "deepcopy", lambda obj, *a: (isinstance(obj, nn.Module) and copies.append(1)) or real(obj, *a))
+    results = {}
+    for mode in ("stream", "cache"):
         copies.clear()
-        compquant.quantize(make_llama(), QuantConfig(solver=solver, grid={"group_size": 32}), calibration=token_batches(2, 8))
-        assert len(copies) == expected, solver
-    copies.clear()
-    config = QuantConfig(solver="rescomp", solver_options={"base": "gptq"}, grid={"group_size": 32})
-    compquant.quantize(make_llama(), config, calibration=token_batches(2, 8))
-    assert copies == []
+        model = make_llama()
+        config = QuantConfig(solver=solver, grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                             calibration={"fp_inputs": mode, "batch_size": 2})
+        compquant.quantize(model, config, calibration=token_batches(4, 16))
+        results[mode] = model.state_dict()
+        assert len(copies) == (2 if mode == "stream" else 0)  # a block copy per block only when streaming
+    for name, tensor in results["stream"].items():
+        assert torch.equal(tensor, results["cache"][name]), name
