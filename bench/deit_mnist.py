@@ -16,17 +16,11 @@ from pathlib import Path
 import torch
 
 import compquant
+from common import SOLVERS  # bench/common.py, beside this script
 from compquant.core.measure import measure
 from compquant.core.saving import write_text_atomic
 from compquant.evaluation.images import calibration_images, top1_accuracy
 
-SOLVERS = {
-    "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
-    "gptaq": ("gptaq", {}),
-    "rescomp(gptq)": ("rescomp", {"base": "gptq"}),
-    "rescomp(gptaq)": ("rescomp", {"base": "gptaq"}),
-}
 
 
 def main() -> int:

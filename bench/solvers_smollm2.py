@@ -22,18 +22,12 @@ from pathlib import Path
 import torch
 
 import compquant
+from common import SOLVERS  # bench/common.py, beside this script
 from compquant.core.measure import measure
 from compquant.core.saving import write_text_atomic
 from compquant.evaluation.datasets import calibration_windows, evaluation_tokens
 from compquant.evaluation.perplexity import perplexity_of_tokens
 
-SOLVERS = {
-    "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
-    "gptaq": ("gptaq", {}),
-    "rescomp(gptq)": ("rescomp", {"base": "gptq"}),
-    "rescomp(gptaq)": ("rescomp", {"base": "gptaq"}),
-}
 RECIPE = {"sym": True, "clip": True, "act_order": True}
 
 
