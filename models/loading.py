@@ -3,6 +3,7 @@ preset or the Hugging Face hub. Every source except the hub works offline."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -105,12 +106,9 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str
     gguf = _gguf_file(path)
     if gguf is not None:
         log.info("loading GGUF %s (weights are de-quantized to %s)", gguf, dtype)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **_dense_gguf(gguf))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The weights are now plain tensors; a saved copy must not claim to be GGUF-quantized.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        return LoadedModel(model, tokenizer, str(gguf))
+        return LoadedModel(forget_gguf_quantization(model), tokenizer, str(gguf))
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
     if "architecture" in json.loads((path / "config.json").read_text()):  # timm's save_for_hf layout
@@ -124,6 +122,26 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str
         restore_input_ops(model, json.loads(online.read_text()))
         log.info("re-attached the online input operations recorded in %s", online)
     return LoadedModel(model, tokenizer, str(path))
+
+
+def _dense_gguf(gguf: Path) -> dict[str, Any]:
+    """Ask transformers for plain dense weights: newer releases can keep GGUF blocks with their own
+    matmul kernels, which compquant's solvers cannot read."""
+    from transformers.utils.quantization_config import GgufConfig
+
+    if "dequantize" in inspect.signature(GgufConfig).parameters:
+        return {"quantization_config": GgufConfig(gguf_file=gguf.name, dequantize=True)}
+    return {}
+
+
+def forget_gguf_quantization(model: Any) -> Any:
+    """transformers de-quantizes GGUF weights into plain tensors but keeps a GGUF quantizer on the
+    model, which makes it refuse to save; the tensors are ordinary, so drop the quantizer and the
+    config entry (a saved copy must not claim to be GGUF)."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def _gguf_file(path: Path) -> Path | None:

@@ -52,3 +52,19 @@ def test_preset_without_its_package_says_how_to_install_it(monkeypatch):
 def test_smollm2_preset_resolves_to_its_gguf_without_importing_the_package():
     path = PRESETS["smollm2-135m"].path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_a_model_loaded_from_gguf_can_be_saved(make_llama, tmp_path):
+    """transformers keeps a non-serializable GGUF quantizer on models it de-quantized from GGUF."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from compquant.models.loading import forget_gguf_quantization
+
+    model = make_llama()
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "m.gguf"}
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig(gguf_file="m.gguf"))
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "refused")
+    forget_gguf_quantization(model).save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()
