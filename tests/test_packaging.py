@@ -21,3 +21,14 @@ def test_wheel_holds_only_the_compquant_namespace(tmp_path):
     assert not any(name.startswith("compquant/tests/") or name.startswith("compquant/bench/") for name in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "compquant = compquant.core.cli:main" in entry_points
+
+    # installed from the wheel alone (no source tree on the path), the API imports and nothing generic does
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True)
+    probe = ("import importlib.util, compquant; "
+             "assert compquant.__file__.startswith(%r), compquant.__file__; "
+             "assert callable(compquant.quantize) and callable(compquant.quantize_layer); "
+             "assert importlib.util.find_spec('core') is None and importlib.util.find_spec('models') is None")
+    subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); " + probe % str(site)],
+                   check=True, cwd=tmp_path)
