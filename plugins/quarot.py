@@ -60,9 +60,6 @@ def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) 
 
 
 def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
-    missing = [f for f in ("embedding", "final_norm", "head") if getattr(adapter, f) is None]
-    if missing or not adapter.residual_writers:
-        raise ValueError(f"adapter {adapter.name!r} does not describe {missing or ['residual_writers']}, which rotations need")
     for block in adapter.block_list(model):
         for norm_name in adapter.norms:
             norm = block.get_submodule(norm_name)
@@ -71,6 +68,9 @@ def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
                     f"{type(norm).__name__} {norm_name!r} subtracts the mean or adds a bias, so a rotation does not "
                     "commute with it; rotation transforms support RMSNorm models only"
                 )
+    missing = [f for f in ("embedding", "final_norm", "head") if getattr(adapter, f) is None]
+    if missing or not adapter.residual_writers:
+        raise ValueError(f"adapter {adapter.name!r} does not describe {missing or ['residual_writers']}, which rotations need")
 
 
 def _scale(module: nn.Module, weight: Tensor) -> None:
