@@ -159,6 +159,9 @@ def solve_columns(
     for i1 in range(0, n, options.blocksize):
         i2 = min(i1 + options.blocksize, n)
         block = w[:, i1:i2].clone()
+        # row 0: GPTQ's U; then one row per extra term: a column's updates of the later columns of
+        # its block are one (rows × k) @ (k × rest) product
+        updates = torch.stack([u[i1:i2, i1:i2]] + [term.matrix[i1:i2, i1:i2] for term in extra])
         q_block = torch.zeros_like(block)
         err_block = torch.zeros_like(block)
         pre_block = torch.zeros_like(block) if extra and carry != "quantized" else None
@@ -197,9 +200,10 @@ def solve_columns(
             codes[:, j] = col_codes
             if pre_block is not None:
                 pre_block[:, i] = col
-            for term in extra:  # columns after j only, so w_j is still intact for the next term
-                block[:, i + 1 :].addr_(term.coefficient(col.unsqueeze(1), slice(j, j + 1)).squeeze(1), term.matrix[j, j + 1 : i2])
-            block[:, i:].addr_(err_block[:, i], u[j, j:i2], alpha=-1)
+            if i + 1 < i2 - i1:
+                column = slice(j, j + 1)
+                coefficients = [-err_block[:, i : i + 1]] + [term.coefficient(col.unsqueeze(1), column) for term in extra]
+                block[:, i + 1 :].addmm_(torch.cat(coefficients, dim=1), updates[:, i, i + 1 :])
 
         quantized[:, i1:i2] = q_block
         if i2 < n:
