@@ -41,7 +41,7 @@ class QuaRot(Transform):
         hidden = model.get_submodule(adapter.embedding).weight.shape[1]
         rotate_residual(model, adapter, rotation_matrix(hidden, options, generator))
         if options.r2:
-            head_dim = _head_dim(model)
+            head_dim = attention_head_dim(model)
             rotate_heads(model, adapter, [rotation_matrix(head_dim, options, generator) for _ in adapter.block_list(model)])
         if options.r4:
             rotate_mlp_output(model, adapter)
@@ -139,7 +139,7 @@ def rotate_mlp_output(model: nn.Module, adapter: ArchitectureAdapter) -> None:
         attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
 
 
-def _head_dim(model: nn.Module) -> int:
+def attention_head_dim(model: nn.Module) -> int:
     config = model.config
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 

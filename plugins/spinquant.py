@@ -31,7 +31,7 @@ from ..core.quantizer import Grid
 from ..core.transform import Transform, TransformContext, TransformOptions
 from .cayley import CayleySGD
 from .hadamard import random_hadamard
-from .quarot import _head_dim, prepare_for_rotation, rotate_heads, rotate_mlp_output, rotate_residual
+from .quarot import attention_head_dim, prepare_for_rotation, rotate_heads, rotate_mlp_output, rotate_residual
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def learn_rotations(
     hidden = model.get_submodule(adapter.embedding).weight.shape[1]
     blocks = adapter.block_list(model)
     r1 = nn.Parameter(random_hadamard(hidden, generator).float().to(device))
-    r2 = [nn.Parameter(random_hadamard(_head_dim(model), generator).float().to(device)) for _ in blocks]
+    r2 = [nn.Parameter(random_hadamard(attention_head_dim(model), generator).float().to(device)) for _ in blocks]
     optimizer = CayleySGD([r1, *r2], lr=options.lr, momentum=options.momentum)
     frozen = {name: p.detach() for name, p in model.named_parameters()}
     order = torch.randperm(calibration.shape[0], generator=generator)
