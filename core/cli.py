@@ -153,7 +153,7 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
 
 # -------------------------------------------------------------------------------------- commands
 def _run_quantize(args: argparse.Namespace) -> int:
-    from .pipeline import quantize, registry_for
+    from .pipeline import check_plugins, quantize, registry_for
     from .saving import check_output, save_quantized
     from ..models.loading import load_model, resolve_model_path
 
@@ -162,11 +162,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"name a model to quantize (a folder, .gguf file, hub name or the preset {DEFAULT_MODEL})")
     if config.output is None:
         raise ValueError("name the output folder with --output DIR (it must not exist yet)")
-    registry = registry_for(None)
-    solver = registry.solver(config.solver)
-    solver.options(config.solver_options)
-    for name in config.transforms:
-        registry.transform(name).options(config.transform_options.get(name))
+    check_plugins(config, registry_for(None))
     source = resolve_model_path(config.model)
     check_output(config.output, source)
     loaded = load_model(config.model, checkpoint=args.checkpoint)
@@ -180,23 +176,20 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .pipeline import registry_for, resolve_device
+    from .pipeline import apply_transforms, registry_for, resolve_device
     from .saving import write_text_atomic
+    from .transform import TransformContext
     from ..evaluation.perplexity import perplexity
     from ..models.loading import load_model
 
     registry = registry_for(None)
-    transforms = [registry.transform(name) for name in args.transform]
+    for name in args.transform:  # fail on a bad name before loading the model
+        registry.transform(name)
     device = resolve_device(args.device)
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
-    if transforms:
-        from .transform import TransformContext
-
-        adapter = registry.adapter_for(model)
-        for name, transform in zip(args.transform, transforms):
-            log.info("applying transform %s", name)
-            transform.apply(model, adapter, transform.options(), TransformContext(seed=args.seed))
+    if args.transform:
+        apply_transforms(model, args.transform, registry, registry.adapter_for(model), TransformContext(seed=args.seed))
     if loaded.is_vision:
         from ..evaluation.images import top1_accuracy
 

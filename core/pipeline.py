@@ -10,6 +10,7 @@ import pluggy
 import torch
 from torch import Tensor, nn
 
+from .adapter import ArchitectureAdapter
 from .calibration import CalibrationPlan, calibrate
 from .config import QuantConfig
 from .plugin_manager import build_registry, default_plugin_manager, default_registry
@@ -34,14 +35,36 @@ def registry_for(plugin_manager: pluggy.PluginManager | None) -> PluginRegistry:
     return default_registry() if plugin_manager is None else build_registry(plugin_manager)
 
 
-def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
-    """Resolve every name in ``config`` and validate every option, before any work is done."""
-    solver = registry.solver(config.solver)
+def check_plugins(config: QuantConfig, registry: PluginRegistry) -> None:
+    """Resolve the solver and transform names in ``config`` and validate their options, so that a bad
+    name or option fails before a model is loaded."""
+    registry.solver(config.solver).options(config.solver_options)
     for name in config.transforms:
         registry.transform(name).options(config.transform_options.get(name))
     unused = set(config.transform_options) - set(config.transforms)
     if unused:
         raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {config.transforms}")
+
+
+def apply_transforms(
+    model: nn.Module,
+    names: Sequence[str],
+    registry: PluginRegistry,
+    adapter: ArchitectureAdapter,
+    context: TransformContext,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Run the named transforms on ``model`` in order, each with its options from ``options``."""
+    for name in names:
+        log.info("applying transform %s", name)
+        transform = registry.transform(name)
+        transform.apply(model, adapter, transform.options((options or {}).get(name)), context)
+
+
+def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
+    """Resolve every name in ``config`` and validate every option, before any work is done."""
+    check_plugins(config, registry)
+    solver = registry.solver(config.solver)
     return CalibrationPlan(
         adapter=registry.adapter_for(model, config.adapter),
         solver_name=config.solver,
@@ -75,10 +98,7 @@ def quantize(
     learns = any(registry.transform(name).needs_calibration for name in config.transforms)
     batches = _batches(calibration, config, tokenizer, model, needed=bool(plan.wanted) or learns)
     context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
-    for name in config.transforms:
-        log.info("applying transform %s", name)
-        transform = registry.transform(name)
-        transform.apply(model, plan.adapter, transform.options(config.transform_options.get(name)), context)
+    apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options)
     pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
     report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook)
     pm.hook.compquant_after_calibration(model=model, report=report, config=config)
