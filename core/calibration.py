@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import ArchitectureAdapter
+from .checkpoint import BlockCheckpoint
+from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport, QuantReport
 from .solver import LayerResult, Solver, SolverOptions
@@ -73,10 +75,13 @@ def calibrate(
     plan: CalibrationPlan,
     batches: Sequence[Tensor] | None,
     hook: Any | None = None,
+    checkpoint: BlockCheckpoint | None = None,
 ) -> QuantReport:
     """Quantize every linear the adapter names, in place. ``batches`` are the model's calibration
     inputs (token ids for language models); they may be None only for solvers that use no
-    statistics. ``hook`` is the plugin manager's hook relay, or None to call no hooks."""
+    statistics. ``hook`` is the plugin manager's hook relay, or None to call no hooks. With a
+    ``checkpoint``, blocks it records as finished are reloaded instead of quantized again, and
+    every newly finished block is recorded in it."""
     started = time.perf_counter()
     wanted = plan.wanted
     if wanted and not batches:
@@ -90,10 +95,14 @@ def calibrate(
             stream = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in stream.hidden)
             fp_stream = _Stream(list(stream.hidden), stream.kwargs) if Statistic.CROSS in wanted else None
-        for index, block in enumerate(progress(blocks, desc=f"{plan.solver_name} blocks")):
+        start = _resume(checkpoint, blocks, plan, report, stream, fp_stream) if checkpoint is not None else 0
+        for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
+                              total=len(blocks)):
+            block = blocks[index]
             block.to(plan.device)
             full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             prefix = f"{plan.adapter.blocks}.{index}"
+            finished = len(report.layers)
             for group_index, group in enumerate(plan.adapter.groups):
                 stats = None
                 if wanted:
@@ -102,19 +111,52 @@ def calibrate(
                     layer = block.get_submodule(name)
                     layer_report, result = _quantize_linear(layer, f"{prefix}.{name}", stats, plan)
                     report.layers.append(layer_report)
+                    report.records[layer_report.name] = QuantizedLinear.from_result(result, plan.grid)
                     if hook is not None:
                         hook.compquant_after_layer(name=layer_report.name, layer=layer, result=result, report=layer_report)
                 del stats
             if stream is not None:
                 stream.hidden = _run_block(block, stream)
+                _check_finite(stream.hidden, prefix)
             if full_precision is not None:
                 fp_stream.hidden = full_precision.next_hidden()
             del full_precision
             block.to(home)
+            if checkpoint is not None:
+                layers = report.layers[finished:]
+                checkpoint.save_block(index, block, {layer.name: report.records[layer.name] for layer in layers}, layers,
+                                      stream.hidden if stream else None, fp_stream.hidden if fp_stream else None)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _resume(
+    checkpoint: BlockCheckpoint,
+    blocks: Sequence[nn.Module],
+    plan: CalibrationPlan,
+    report: QuantReport,
+    stream: _Stream | None,
+    fp_stream: _Stream | None,
+) -> int:
+    """Reload the finished blocks recorded in ``checkpoint``; return the first block left to do."""
+    resumed, records, layers = checkpoint.restore(blocks, plan.adapter.blocks, plan.grid)
+    report.records.update(records)
+    report.layers.extend(layers)
+    if resumed.blocks_done and stream is not None:
+        stream.hidden = [h.to(plan.device) for h in resumed.hidden]
+        if fp_stream is not None:
+            fp_stream.hidden = [h.to(plan.device) for h in resumed.fp_hidden]
+    return resumed.blocks_done
+
+
+def _check_finite(hidden: Sequence[Tensor], prefix: str) -> None:
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise NonFiniteStatisticsError(
+            f"the outputs of {prefix} hold NaN or Inf after quantization; nothing was written. Check the model in "
+            "full precision (compquant eval) and try stats_dtype float64 or a larger percdamp"
+        )
 
 
 def _quantize_linear(

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .adapter import ArchitectureAdapter
 from .calibration import CalibrationPlan, calibrate
+from .checkpoint import BlockCheckpoint, run_fingerprint
 from .config import QuantConfig
 from .plugin_manager import build_registry, default_plugin_manager, default_registry
 from .registry import PluginRegistry
@@ -85,22 +86,31 @@ def quantize(
     calibration: Tensor | Sequence[Tensor] | None = None,
     tokenizer: Any | None = None,
     plugin_manager: pluggy.PluginManager | None = None,
+    resume_dir: str | Path | None = None,
 ) -> QuantReport:
     """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``.
 
     ``calibration`` is either a (samples, seqlen) tensor of token ids (or any batchable model
     input), or a sequence of ready batches. Without it, language-model calibration windows are drawn
-    from ``config.calibration.dataset`` with ``tokenizer``. Returns the per-layer report.
+    from ``config.calibration.dataset`` with ``tokenizer``. With ``resume_dir``, progress is kept
+    there after every block and a run killed part way continues from it (see
+    `compquant.core.checkpoint`); remove the folder once the result is saved. Returns the
+    per-layer report, whose ``records`` the exporters read.
     """
     pm = plugin_manager or default_plugin_manager()
     registry = registry_for(plugin_manager)
     plan = plan_for(model, config, registry)
     learns = any(registry.transform(name).needs_calibration for name in config.transforms)
     batches = _batches(calibration, config, tokenizer, model, needed=bool(plan.wanted) or learns)
+    checkpoint = None
+    if resume_dir is not None:
+        settings = config.model_dump(mode="json", exclude={"output", "data_dir", "model"})
+        checkpoint = BlockCheckpoint(resume_dir, run_fingerprint(model, batches, settings))
+        checkpoint.blocks_done()  # a checkpoint of another run fails here, before any work
     context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
     apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options)
     pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
-    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook)
+    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint)
     pm.hook.compquant_after_calibration(model=model, report=report, config=config)
     return report
 

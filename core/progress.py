@@ -8,8 +8,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], *, desc: str, total: int | None = None) -> Iterator[T]:
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, initial: int = 0) -> Iterator[T]:
     from tqdm.auto import tqdm
 
     disable = True if os.environ.get("COMPQUANT_NO_PROGRESS") else None  # None: only on a terminal
-    yield from tqdm(items, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True)
+    yield from tqdm(items, desc=desc, total=total, initial=initial, disable=disable, leave=False, dynamic_ncols=True)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .qlinear import QuantizedLinear
 
 
 @dataclass(frozen=True)
@@ -23,9 +26,12 @@ class QuantReport:
     calibration_tokens: int = 0
     seconds: float = 0.0
     layers: list[LayerReport] = field(default_factory=list)
+    records: dict[str, QuantizedLinear] = field(default_factory=dict, repr=False)
+    """Codes and grids of every quantized linear, by path, for the exporters."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"solver": self.solver, "calibration_tokens": self.calibration_tokens, "seconds": self.seconds,
+                "layers": [asdict(layer) for layer in self.layers]}
 
     @property
     def mean_relative_error(self) -> float | None:

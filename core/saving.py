@@ -1,17 +1,23 @@
-"""Writing a quantized model: checked before any work starts, written to a temporary folder beside
-the destination, and moved into place only when complete, so a failed run leaves nothing behind
-and never touches the input model."""
+"""Writing a quantized model: checked before any work starts (overlap with the input, an existing
+folder, permissions, free space), written to a temporary folder beside the destination and moved
+into place only when complete, so a failed run leaves nothing behind and never touches the input
+model. Every file write is atomic (temporary file, fsync, rename)."""
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
 
 from .config import QuantConfig
 from .errors import OutputPathError
+from .exporters import ExportJob, choose_exporter
 from .online import describe_input_ops
 from .report import QuantReport
 
@@ -19,9 +25,15 @@ CONFIG_FILE = "compquant.json"
 REPORT_FILE = "compquant_report.json"
 ONLINE_OPS_FILE = "compquant_online_ops.json"
 
+log = logging.getLogger(__name__)
 
-def check_output(output: str | Path, source: str | Path | None) -> Path:
-    """Refuse an output that exists or overlaps the input model; return it resolved."""
+
+def check_output(
+    output: str | Path, source: str | Path | None, *, overwrite: bool = False, needed_bytes: int = 0
+) -> Path:
+    """Refuse an output that overlaps the input model, exists (unless ``overwrite`` and it is an
+    earlier compquant output), cannot be written, or lies on a disk with less than ``needed_bytes``
+    free; return it resolved."""
     output = Path(output).expanduser().resolve()
     if source is not None and Path(source).exists():
         source = Path(source).resolve()
@@ -31,12 +43,31 @@ def check_output(output: str | Path, source: str | Path | None) -> Path:
                 f"output {output} would overwrite or nest inside the input model {source}; choose a folder elsewhere"
             )
     if output.exists():
-        raise OutputPathError(f"output {output} already exists; choose a new folder or remove it first")
+        if not overwrite:
+            raise OutputPathError(f"output {output} already exists; choose a new folder, or pass --overwrite to replace it")
+        if not output.is_dir() or (any(output.iterdir()) and not (output / CONFIG_FILE).is_file()):
+            raise OutputPathError(
+                f"output {output} exists and is not a compquant output (no {CONFIG_FILE}); --overwrite only replaces "
+                "earlier compquant outputs, so remove it yourself if it should go"
+            )
     if not output.parent.exists():
         raise OutputPathError(f"the parent folder of the output, {output.parent}, does not exist; create it first")
     if not os.access(output.parent, os.W_OK):
-        raise OutputPathError(f"the output's parent folder {output.parent} is not writable")
+        raise OutputPathError(f"the output's parent folder {output.parent} is not writable; choose another place")
+    free = shutil.disk_usage(output.parent).free
+    if free < needed_bytes:
+        raise OutputPathError(
+            f"{output.parent} has {free / 2**20:.0f} MiB free but this run needs about {needed_bytes / 2**20:.0f} MiB "
+            "(the model and its resume checkpoint); free space or choose an output on another disk"
+        )
     return output
+
+
+def needed_bytes(model: Any, dtype: torch.dtype | None = None, *, resume: bool = False) -> int:
+    """A generous estimate of the disk space a run writes: the model de-quantized in ``dtype``
+    (the largest export), and as much again for the resume checkpoint, plus 10%."""
+    size = sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())
+    return int(size * (2 if resume else 1) * 1.1)
 
 
 def save_quantized(
@@ -47,33 +78,59 @@ def save_quantized(
     config: QuantConfig,
     report: QuantReport,
     source: str | Path | None = None,
+    format: str = "auto",
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Save ``model`` (safetensors), its tokenizer, the resolved config, the per-layer report and the
-    online input ops transforms attached (`compquant.load_model` re-attaches them; plain
-    `transformers` loading does not know them)."""
-    output = check_output(output, source)
+    """Export ``model`` in ``format`` (see `compquant.core.exporters`; ``auto`` picks the first of
+    compressed-tensors, GPTQ and fake-quantized that can express the run), with its tokenizer, the
+    resolved config, the per-layer report and any online input ops (`compquant.load_model`
+    re-attaches them; plain `transformers` does not know them). The folder appears complete or not
+    at all; with ``overwrite`` an earlier compquant output there is replaced only once the new one
+    is complete."""
+    output = check_output(output, source, overwrite=overwrite)
+    online = describe_input_ops(model)
+    job = ExportJob(model, report.records, online, dtype, max_shard_size)
+    exporter = choose_exporter(format, job)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(staging, safe_serialization=True)
-        else:  # a timm model: config.json and model.safetensors that timm's local-dir: loader reads
-            from timm.models import save_for_hf
-
-            save_for_hf(model, staging, safe_serialization=True)
+        export = exporter.write(job, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILE).write_text(config.to_json())
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2))
-        online = describe_input_ops(model)
+        (staging / REPORT_FILE).write_text(json.dumps({**report.to_dict(), "export": export}, indent=2))
         if online:
             (staging / ONLINE_OPS_FILE).write_text(json.dumps(online, indent=2))
         _fsync_tree(staging)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+        _move_into_place(staging, output)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise OutputPathError(
+                f"the disk of {output.parent} filled up while the model was written; nothing was left behind. "
+                "Free space and save again"
+            ) from error
+        raise
+    log.info("saved the %s export to %s", export["format"], output)
+    return output
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    """Rename ``staging`` to ``output``; an existing ``output`` is moved aside first and deleted
+    only after the rename succeeded."""
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".replaced", dir=output.parent))
+    os.rename(output, aside / output.name)
+    try:
         os.rename(staging, output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        os.rename(aside / output.name, output)
         raise
-    return output
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -89,20 +146,27 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename: readers see the old
-    file or the whole new one, never half of it."""
+    """Write ``text`` to ``path`` atomically (see `replace_atomic`)."""
+    return replace_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def replace_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, fsync it and rename it over ``path``:
+    readers see the old file or the whole new one, never half of it, and a failed write leaves
+    nothing behind."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(descriptor)
+    temporary = Path(name)
     try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        write(temporary)
+        with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 

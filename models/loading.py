@@ -111,17 +111,35 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str
         return LoadedModel(forget_gguf_quantization(model), tokenizer, str(gguf))
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
-    if "architecture" in json.loads((path / "config.json").read_text()):  # timm's save_for_hf layout
+    folder_config = json.loads((path / "config.json").read_text())
+    if "architecture" in folder_config:  # timm's save_for_hf layout
         import timm
 
         return LoadedModel(timm.create_model(f"local-dir:{path}", pretrained=True).to(dtype).eval(), None, str(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_dense_quantized(path, folder_config))
     tokenizer = AutoTokenizer.from_pretrained(path)
     online = path / ONLINE_OPS_FILE
     if online.is_file():
         restore_input_ops(model, json.loads(online.read_text()))
         log.info("re-attached the online input operations recorded in %s", online)
     return LoadedModel(model, tokenizer, str(path))
+
+
+def _dense_quantized(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Load a quantized checkpoint as plain dense weights that compquant can evaluate anywhere.
+    compressed-tensors de-quantizes on load (this also sidesteps transformers 5.23 refusing
+    asymmetric pack-quantized zero points otherwise); GPTQ checkpoints need GPTQ kernels."""
+    method = config.get("quantization_config", {}).get("quant_method")
+    if method == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    if method == "gptq":
+        raise ModelLoadError(
+            f"{path} is a GPTQ checkpoint, which loads through GPTQModel or vLLM, not compquant; to evaluate a run "
+            "with compquant, export it with --format compressed-tensors or --format fake"
+        )
+    return {}
 
 
 def _dense_gguf(gguf: Path) -> dict[str, Any]:

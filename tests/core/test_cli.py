@@ -29,11 +29,12 @@ def test_quantize_writes_model_config_and_report(model_dir, data_dir, tmp_path, 
     config = json.loads((output / "compquant.json").read_text())
     assert config["grid"]["bits"] == 3 and config["solver_options"] == {"act_order": True, "percdamp": 0.05, "static_groups": True}
     report = json.loads((output / "compquant_report.json").read_text())
-    assert len(report["layers"]) == 14
-    from transformers import AutoModelForCausalLM
+    assert len(report["layers"]) == 14 and report["export"]["format"] == "compressed-tensors"
+    assert json.loads((output / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert not list(tmp_path.glob(".*compquant-resume"))  # the resume checkpoint goes once the output is saved
+    from compquant import load_model
 
-    reloaded = AutoModelForCausalLM.from_pretrained(output)
-    weight = reloaded.model.layers[0].self_attn.q_proj.weight
+    weight = load_model(str(output)).model.model.layers[0].self_attn.q_proj.weight
     assert max(len(torch.unique(row)) for row in weight[:, :32]) <= 8
 
 

@@ -15,7 +15,7 @@ def test_saved_model_reloads_with_the_same_logits(make_llama, tiny_tokenizer, to
     model = make_llama(tie=True)
     config = QuantConfig(solver="gptq", grid={"bits": 4, "group_size": 32})
     report = compquant.quantize(model, config, calibration=token_batches(4, 16))
-    output = compquant.save_quantized(model, tiny_tokenizer, tmp_path / "out", config=config, report=report)
+    output = compquant.save_quantized(model, tiny_tokenizer, tmp_path / "out", config=config, report=report, format="fake")
     assert {"model.safetensors", "config.json", "compquant.json", "compquant_report.json"} <= {p.name for p in output.iterdir()}
     assert QuantConfig.load(output / "compquant.json") == config
     reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
@@ -41,20 +41,48 @@ def test_output_equal_to_or_inside_the_input_is_refused(tmp_path):
 
 def test_existing_output_is_never_overwritten(tmp_path):
     (tmp_path / "done").mkdir()
-    with pytest.raises(OutputPathError, match="already exists"):
+    with pytest.raises(OutputPathError, match="already exists.*--overwrite"):
         check_output(tmp_path / "done", None)
 
 
-def test_a_failed_save_leaves_nothing_behind(make_llama, tmp_path):
+def test_overwrite_replaces_only_an_earlier_compquant_output(make_llama, tmp_path):
+    model = make_llama()
+    config = QuantConfig(solver="rtn", grid={"bits": 8, "group_size": -1})
+    report = compquant.quantize(model, config)
+    first = compquant.save_quantized(model, None, tmp_path / "out", config=config, report=report, format="fake")
+    (first / "stale.txt").write_text("from the first run")
+    again = compquant.save_quantized(model, None, tmp_path / "out", config=config, report=report, format="fake",
+                                     overwrite=True)
+    assert again == first and not (again / "stale.txt").exists() and (again / "compquant.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputPathError, match="not a compquant output"):
+        check_output(precious, None, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 99, 1 << 20))
+    with pytest.raises(OutputPathError, match="1 MiB free but this run needs about 10 MiB"):
+        check_output(tmp_path / "out", None, needed_bytes=10 << 20)
+
+
+def test_a_disk_filling_up_while_saving_leaves_nothing_behind(make_llama, tmp_path):
+    import errno
+
     model = make_llama()
 
     class Exploding:
         def save_pretrained(self, folder):
             (folder / "half-written").write_text("x")
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     report = compquant.quantize(model, QuantConfig(solver="rtn"))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputPathError, match="filled up.*nothing was left behind"):
         compquant.save_quantized(model, Exploding(), tmp_path / "out", config=QuantConfig(solver="rtn"), report=report)
     assert list(tmp_path.iterdir()) == []
 

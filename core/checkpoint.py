@@ -1,0 +1,176 @@
+"""Resuming a killed run: the calibration loop's progress, block by block, in a folder.
+
+After every block the folder receives the block's quantized parameters, its layer records and
+reports, and the calibration stream entering the next block; a small progress file, written last
+and atomically, names the number of finished blocks. A restarted run with the same model, data
+and config reloads all of that and continues with the next block, so it ends with the same bits
+as a run that was never interrupted. Anything written after the last progress file is ignored.
+
+The folder is keyed by a fingerprint of the model's weights, the calibration data and the config;
+a different fingerprint refuses to resume and says which of the three changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import CompquantError
+from .qlinear import QuantizedLinear
+from .quantizer import Grid
+from .report import LayerReport
+from .saving import replace_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "fingerprint.json"
+PROGRESS_FILE = "progress.json"
+
+
+class ResumeMismatchError(CompquantError):
+    """A checkpoint folder was made by a run with another model, data or config."""
+
+
+def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 of named tensors' names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors:
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(model: nn.Module, batches: Sequence[Tensor] | None, config: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model's weights before any transform, the
+    calibration inputs, and the config (as a JSON mapping)."""
+    return {
+        "model": tensor_digest(model.state_dict().items()),
+        "data": tensor_digest((str(i), batch) for i, batch in enumerate(batches or ())),
+        "config": config,
+    }
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint restores: how many blocks are done, and the streams entering the next."""
+
+    blocks_done: int
+    hidden: list[Tensor]
+    fp_hidden: list[Tensor] | None
+
+
+class BlockCheckpoint:
+    """The progress of one run in ``folder`` (created on first use, removed by `discard`)."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = Path(folder).expanduser()
+        self.fingerprint = fingerprint
+
+    # ------------------------------------------------------------------------------ reading
+    def blocks_done(self) -> int:
+        """Finished blocks recorded in the folder (0 when there is none); refuses a folder made
+        by a different run."""
+        stored = self.folder / FINGERPRINT_FILE
+        if not stored.exists():
+            return 0
+        previous = json.loads(stored.read_text())
+        changed = [part for part in ("model", "data") if previous.get(part) != self.fingerprint[part]]
+        changed += [f"config.{key}" for key in _changed_keys(previous.get("config", {}), self.fingerprint["config"])]
+        if changed:
+            raise ResumeMismatchError(
+                f"the checkpoint in {self.folder} was made by a run with a different {', '.join(changed)}; "
+                "run again with the original settings to resume, or delete that folder to start over"
+            )
+        progress = self.folder / PROGRESS_FILE
+        return json.loads(progress.read_text())["blocks_done"] if progress.exists() else 0
+
+    def restore(
+        self, blocks: Sequence[nn.Module], prefix: str, grid: Grid
+    ) -> tuple[Resumed, dict[str, QuantizedLinear], list[LayerReport]]:
+        """Load every finished block's parameters into ``blocks`` and return the streams entering
+        the next block with the finished layers' records and reports."""
+        done = self.blocks_done()
+        records: dict[str, QuantizedLinear] = {}
+        reports: list[LayerReport] = []
+        for index in range(done):
+            tensors = load_file(self.folder / _block_file(index))
+            state = {key.removeprefix("param."): value for key, value in tensors.items() if key.startswith("param.")}
+            blocks[index].load_state_dict(state, strict=True)
+            for item in json.loads((self.folder / _reports_file(index)).read_text()):
+                report = LayerReport(**{**item, "shape": tuple(item["shape"])})
+                reports.append(report)
+                records[report.name] = QuantizedLinear.from_tensors(tensors, f"record.{report.name}", grid)
+        resumed = Resumed(done, [], None)
+        if done:
+            stream = load_file(self.folder / _stream_file(done))
+            count = sum(key.startswith("hidden.") for key in stream)
+            resumed.hidden = [stream[f"hidden.{i}"] for i in range(count)]
+            if "fp.0" in stream:
+                resumed.fp_hidden = [stream[f"fp.{i}"] for i in range(count)]
+            log.info("resuming from %s: %d finished blocks of %s reloaded", self.folder, done, prefix)
+        return resumed, records, reports
+
+    # ------------------------------------------------------------------------------ writing
+    def save_block(
+        self,
+        index: int,
+        block: nn.Module,
+        records: dict[str, QuantizedLinear],
+        reports: list[LayerReport],
+        hidden: Sequence[Tensor] | None,
+        fp_hidden: Sequence[Tensor] | None,
+    ) -> None:
+        """Record block ``index`` as finished; ``hidden``/``fp_hidden`` enter block ``index + 1``."""
+        if index == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.folder / FINGERPRINT_FILE, json.dumps(self.fingerprint, indent=2, sort_keys=True))
+        tensors = {f"param.{key}": value.detach().cpu().contiguous() for key, value in block.state_dict().items()}
+        for name, record in records.items():
+            tensors.update(record.tensors(f"record.{name}"))
+        _save_atomic(tensors, self.folder / _block_file(index))
+        write_text_atomic(self.folder / _reports_file(index), json.dumps([vars(report) for report in reports]))
+        stream = {f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden or ())}
+        stream.update({f"fp.{i}": h.detach().cpu().contiguous() for i, h in enumerate(fp_hidden or ())})
+        _save_atomic(stream, self.folder / _stream_file(index + 1))
+        write_text_atomic(self.folder / PROGRESS_FILE, json.dumps({"blocks_done": index + 1}))
+        (self.folder / _stream_file(index)).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Remove the folder once the run's output is safely written."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    replace_atomic(path, lambda temporary: save_file(tensors, str(temporary)))
+
+
+def _block_file(index: int) -> str:
+    return f"block_{index:05d}.safetensors"
+
+
+def _reports_file(index: int) -> str:
+    return f"block_{index:05d}.json"
+
+
+def _stream_file(index: int) -> str:
+    return f"stream_into_{index:05d}.safetensors"

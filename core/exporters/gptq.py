@@ -1,0 +1,93 @@
+"""The GPTQ checkpoint format (``qweight``/``qzeros``/``scales``/``g_idx`` per linear and a
+``quantization_config`` with ``quant_method: gptq``), as AutoGPTQ, GPTQModel, vLLM and
+transformers read it.
+
+Zero points come in two conventions. ``gptq`` (v1, what every consumer reads) stores each zero
+minus one, a historical off-by-one that consumers undo by adding one back; a zero of 0 would be
+stored as -1, wrap to 2^bits - 1 in the packed word, and be read back as 2^bits: the consumer
+would silently de-quantize the whole group wrongly. Such models are refused in v1 with the
+count of affected groups. ``gptq-v2`` (GPTQModel's ``checkpoint_format: gptq_v2``) stores zeros
+as they are and expresses every asymmetric grid, but only GPTQModel reads it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..qlinear import QuantizedLinear
+from .base import Exporter, ExportJob, dense_state_dict, online_ops_problem, write_transformers_checkpoint
+
+PACKABLE_BITS = (2, 3, 4, 8)
+
+
+class GptqExporter(Exporter):
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.name = "gptq" if version == 1 else "gptq-v2"
+        self.description = ("GPTQ qweight/qzeros/scales/g_idx, v1 zeros (AutoGPTQ, transformers, vLLM)" if version == 1
+                            else "GPTQ with v2 zeros stored as they are (GPTQModel only)")
+
+    def unsupported(self, job: ExportJob) -> str | None:
+        if not job.is_transformers_model:
+            return "only transformers models can be written as GPTQ checkpoints; use --format fake"
+        if (problem := online_ops_problem(job, "GPTQ")) is not None:
+            return problem
+        for name, record in job.records.items():
+            if record.bits not in PACKABLE_BITS:
+                return f"GPTQ checkpoints hold {', '.join(map(str, PACKABLE_BITS))}-bit weights, not {record.bits}-bit"
+            rows, columns = record.shape
+            if (rows * record.bits) % 32 or (columns * record.bits) % 32:
+                return (f"{name} is {rows} x {columns}: GPTQ packs 32 / bits values per int32 word along both "
+                        "dimensions, which these sizes do not fill; use --format fake")
+        if self.version == 1:
+            zero_groups = {name: int((record.zero == 0).sum()) for name, record in job.records.items()}
+            affected = {name: count for name, count in zero_groups.items() if count}
+            if affected:
+                first = next(iter(affected))
+                return (f"{sum(affected.values())} groups in {len(affected)} linears (e.g. {first}) have a zero point "
+                        "of 0, which the v1 convention stores as -1 and consumers misread as 2^bits; use --format "
+                        "gptq-v2 (GPTQModel), --format compressed-tensors, or a symmetric grid")
+        return None
+
+    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
+        state = dense_state_dict(job)
+        for name, record in job.records.items():
+            del state[f"{name}.weight"]
+            state.update({f"{name}.{key}": value for key, value in self.pack(record, job.float_dtype).items()})
+        first = next(iter(job.records.values()))
+        quantization_config = {
+            "quant_method": "gptq",
+            "bits": first.bits,
+            "group_size": first.group_size,
+            "desc_act": first.act_order and not first.groups_in_order,
+            "sym": first.symmetric,
+            "true_sequential": True,
+            "checkpoint_format": "gptq" if self.version == 1 else "gptq_v2",
+            "pack_dtype": "int32",
+            "meta": {"quantizer": ["compquant"]},
+        }
+        write_transformers_checkpoint(job, folder, state, quantization_config)
+        return {"format": self.name}
+
+    def pack(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The four GPTQ tensors of one linear."""
+        zeros = record.zero.to(torch.int16) - (1 if self.version == 1 else 0)
+        return {
+            "qweight": _pack(record.codes.to(torch.int16).T, record.bits, dim=0),
+            "qzeros": _pack(zeros.T, record.bits, dim=1),
+            "scales": record.scale.T.to(dtype).contiguous(),
+            "g_idx": record.g_idx.to(torch.int32),
+        }
+
+
+def _pack(values: Tensor, bits: int, dim: int) -> Tensor:
+    """Unsigned ``bits``-bit values packed densely into int32 words along ``dim``: value k of
+    every run of 32 occupies bits [bits*k, bits*(k+1)) of that run's little-endian words, which is
+    GPTQ's layout for 2, 4 and 8 bits and its split-word layout for 3 bits."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    offset = 2 ** (bits - 1)  # pack_to_int32 takes signed values and adds this offset back
+    return pack_to_int32((values - offset).to(torch.int8).contiguous(), bits, packed_dim=dim)
