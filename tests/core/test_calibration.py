@@ -109,6 +109,13 @@ def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, tok
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, before)
 
 
+def test_a_block_whose_quantized_output_overflows_stops_the_run_with_its_name(make_llama, token_batches):
+    model = make_llama()
+    model.model.layers[1].mlp.register_forward_hook(lambda module, args, output: output * float("inf"))
+    with pytest.raises(ArithmeticError, match=r"outputs of model.layers.1 hold NaN or Inf.*nothing was written"):
+        compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(2, 8))
+
+
 class Scale(InputOp):
     def __init__(self, factor: float):
         super().__init__()
