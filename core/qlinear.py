@@ -58,10 +58,12 @@ class QuantizedLinear:
             expected = torch.arange(columns, dtype=torch.int32) // self.group_size
         return torch.equal(self.g_idx, expected)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``scale * (codes - zero)``, computed in the scales' dtype as the solver did, then cast."""
         index = self.g_idx.long()
-        scale, zero = self.scale[:, index].to(dtype), self.zero[:, index].to(dtype)
-        return scale * (self.codes.to(dtype) - zero)
+        scale = self.scale[:, index]
+        weight = scale * (self.codes.to(scale.dtype) - self.zero[:, index].to(scale.dtype))
+        return weight if dtype is None else weight.to(dtype)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         """The record's tensors under ``prefix.`` names, for a checkpoint file."""

@@ -17,7 +17,7 @@ import torch
 
 from .config import QuantConfig
 from .errors import OutputPathError
-from .exporters import ExportJob, choose_exporter
+from .exporters import ExportJob, choose_exporter, write_export
 from .online import describe_input_ops
 from .report import QuantReport
 
@@ -95,7 +95,7 @@ def save_quantized(
     exporter = choose_exporter(format, job)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        export = exporter.write(job, staging)
+        export = write_export(exporter, job, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILE).write_text(config.to_json())

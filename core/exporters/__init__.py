@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from .base import ExportError, Exporter, ExportJob
+from pathlib import Path
+
+from .base import ExportError, Exporter, ExportJob, ShardWriter, write_config, write_model
 from .compressed_tensors import CompressedTensorsExporter
 from .fake import FakeQuantExporter
 from .gptq import GptqExporter
@@ -42,4 +44,16 @@ def choose_exporter(format: str, job: ExportJob) -> Exporter:
     return EXPORTERS[format]
 
 
-__all__ = ["AUTO_ORDER", "EXPORTERS", "FORMATS", "ExportError", "ExportJob", "Exporter", "choose_exporter"]
+def write_export(exporter: Exporter, job: ExportJob, folder: Path) -> dict[str, str]:
+    """Write ``job`` in ``exporter``'s format into the empty ``folder``; return what to record."""
+    if job.is_transformers_model:
+        write_model(exporter, job, folder)
+    else:  # a timm model, which only the fake format takes: the layout timm's local-dir: loader reads
+        from timm.models import save_for_hf
+
+        save_for_hf(job.model, folder, safe_serialization=True)
+    return {"format": exporter.name, "dtype": str(job.float_dtype).removeprefix("torch.")}
+
+
+__all__ = ["AUTO_ORDER", "EXPORTERS", "FORMATS", "ExportError", "ExportJob", "Exporter", "ShardWriter", "choose_exporter",
+           "write_config", "write_export"]

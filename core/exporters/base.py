@@ -1,14 +1,16 @@
-"""What every exporter shares: the job it reads, its interface, and writing a Hugging Face
-checkpoint (sharded safetensors with an index, config.json with a quantization section)."""
+"""What every exporter shares: the job it reads, its interface, and the checkpoint writer
+(sharded safetensors with an index, written shard by shard, and config.json)."""
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import CompquantError
@@ -40,7 +42,9 @@ class ExportJob:
 
 
 class Exporter(ABC):
-    """Writes a quantized model into a folder in one format."""
+    """Writes a quantized model in one format: `convert` turns named tensors into the format's
+    (a whole model at once, or one block at a time in low-memory mode), `annotate` adds the
+    format's section to config.json."""
 
     name: str
     description: str
@@ -50,9 +54,24 @@ class Exporter(ABC):
         """Why this format cannot express ``job``, with what to do instead; None when it can."""
 
     @abstractmethod
-    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
-        """Write the model files into the existing, empty ``folder``; return what to record about
-        the export (format and its settings)."""
+    def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The tensors that replace one quantized linear's ``weight``, by local name."""
+
+    def annotate(self, folder: Path, records: dict[str, QuantizedLinear]) -> None:
+        """Add the format's quantization section to ``folder/config.json``."""
+
+    def convert(self, state: dict[str, Tensor], records: dict[str, QuantizedLinear], dtype: torch.dtype) -> dict[str, Tensor]:
+        """``state`` in ``dtype`` with the weight of every linear in ``records`` replaced by the
+        format's tensors."""
+        converted = {name: _cast(tensor, dtype) for name, tensor in state.items()}
+        for name, record in records.items():
+            del converted[f"{name}.weight"]
+            converted.update({f"{name}.{key}": value for key, value in self.convert_linear(record, dtype).items()})
+        return converted
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
 
 
 def online_ops_problem(job: ExportJob, format_name: str) -> str | None:
@@ -68,35 +87,84 @@ def online_ops_problem(job: ExportJob, format_name: str) -> str | None:
     )
 
 
-def dense_state_dict(job: ExportJob) -> dict[str, Tensor]:
-    """The model's tensors in the export dtype, each storage once (tied embeddings keep the first
-    name, which transformers re-ties on load from the config)."""
+def unique_tensors(named: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """Each storage once: tied embeddings keep the first name, and transformers re-ties the other
+    on load from the config."""
     seen: set[int] = set()
-    state: dict[str, Tensor] = {}
-    for name, tensor in job.model.state_dict().items():
+    unique = {}
+    for name, tensor in named:
         pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        state[name] = tensor.detach().to(job.float_dtype) if tensor.is_floating_point() else tensor.detach()
-    return state
+        if pointer not in seen:
+            seen.add(pointer)
+            unique[name] = tensor
+    return unique
 
 
-def write_transformers_checkpoint(
-    job: ExportJob, folder: Path, state: dict[str, Tensor], quantization_config: dict[str, Any] | None
-) -> None:
-    """Sharded safetensors (with an index when there is more than one shard) and config.json, with
-    ``quantization_config`` when given."""
-    from huggingface_hub import save_torch_state_dict
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_size`` bytes as they come, so
+    a model never has to be whole in memory; `finish` names the shards as transformers does and
+    writes the index when there is more than one."""
 
-    save_torch_state_dict(state, folder, max_shard_size=job.max_shard_size)
-    job.model.config.save_pretrained(folder)
-    generation = getattr(job.model, "generation_config", None)
+    def __init__(self, folder: Path, max_shard_size: str | int) -> None:
+        from pydantic import ByteSize, TypeAdapter
+
+        self.folder = folder
+        self.limit = TypeAdapter(ByteSize).validate_python(max_shard_size)
+        self.pending: dict[str, Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, Tensor]) -> None:
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            if self.pending and self.pending_bytes + size > self.limit:
+                self._flush()
+            self.pending[name] = tensor.contiguous()
+            self.pending_bytes += size
+            self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, str(self.folder / f"shard-{len(self.shards):05d}.partial"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for index, name in enumerate(names):
+            (self.folder / f"shard-{index:05d}.partial").rename(self.folder / name)
+        if count > 1:
+            weight_map = {tensor: name for name, tensors in zip(names, self.shards) for tensor in tensors}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_config(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """config.json (with the written dtype) and generation_config.json of a transformers model."""
+    model.config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
-    config["dtype"] = str(job.float_dtype).removeprefix("torch.")
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def add_quantization_config(folder: Path, section: dict[str, Any]) -> None:
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"] = section
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_model(exporter: Exporter, job: ExportJob, folder: Path) -> None:
+    """The whole in-memory model, in ``exporter``'s format, into ``folder``."""
+    writer = ShardWriter(folder, job.max_shard_size)
+    writer.add(exporter.convert(unique_tensors(job.model.state_dict().items()), job.records, job.float_dtype))
+    writer.finish()
+    write_config(job.model, folder, job.float_dtype)
+    exporter.annotate(folder, job.records)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from .base import Exporter, ExportJob, dense_state_dict, online_ops_problem, write_transformers_checkpoint
+from ..qlinear import QuantizedLinear
+from .base import Exporter, ExportJob, online_ops_problem
 
 FORMAT = "pack-quantized"
 
@@ -43,55 +45,50 @@ class CompressedTensorsExporter(Exporter):
                         "choose a group size that divides every layer's width (SmolLM2: 64 or 32), or use --format gptq")
         return None
 
-    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
-        from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
         from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+        offset = 2 ** (record.bits - 1)  # compressed-tensors stores signed codes and zero points
+        state = {
+            "weight": record.dequantize(torch.float32),
+            "weight_scale": record.scale.to(torch.float32),
+            "weight_zero_point": (record.zero.to(torch.int16) - offset).to(torch.int8),
+        }
+        compressed = PackedQuantizationCompressor.compress(state, _scheme(record, targets=["Linear"]))
+        compressed["weight_scale"] = compressed["weight_scale"].to(dtype)
+        return compressed
+
+    def annotate(self, folder: Path, records: dict[str, QuantizedLinear]) -> None:
+        from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
-        schemes = _schemes(job)
-        state = dense_state_dict(job)
-        for name, record in job.records.items():
-            scheme = schemes[_scheme_key(record)]
-            offset = 2 ** (record.bits - 1)  # compressed-tensors stores signed codes and zero points
-            module_state = {
-                "weight": record.dequantize(torch.float32),
-                "weight_scale": record.scale.to(job.float_dtype),
-                "weight_zero_point": (record.zero.to(torch.int16) - offset).to(torch.int8),
-            }
-            del state[f"{name}.weight"]
-            for key, value in PackedQuantizationCompressor.compress(module_state, scheme).items():
-                state[f"{name}.{key}"] = value.to(job.float_dtype) if key == "weight_scale" else value
+        targets: dict[tuple, list[str]] = {}
+        for name, record in sorted(records.items()):
+            targets.setdefault(_grid_key(record), []).append(name)
+        schemes = [_scheme(records[names[0]], targets=names) for names in targets.values()]
         config = QuantizationConfig(
-            config_groups={f"group_{i}": scheme for i, scheme in enumerate(schemes.values())},
+            config_groups={f"group_{i}": scheme for i, scheme in enumerate(schemes)},
             format=FORMAT,
             quantization_status=QuantizationStatus.COMPRESSED,
         )
-        write_transformers_checkpoint(job, folder, state, quantization_config=None)
         ModelCompressor(quantization_config=config).update_config(str(folder))
-        return {"format": self.name, "compressed_tensors_format": FORMAT}
 
 
-def _scheme_key(record) -> tuple[int, int, bool, bool]:
+def _grid_key(record: QuantizedLinear) -> tuple[int, int, bool, bool]:
     return record.bits, record.group_size, record.symmetric, record.act_order
 
 
-def _schemes(job: ExportJob) -> dict[tuple, Any]:
-    """One scheme per distinct grid, targeting its linears by exact name."""
+def _scheme(record: QuantizedLinear, targets: list[str]) -> Any:
+    """The compressed-tensors scheme of ``record``'s grid, applied to ``targets`` (exact names)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    targets: dict[tuple, list[str]] = {}
-    for name, record in sorted(job.records.items()):
-        targets.setdefault(_scheme_key(record), []).append(name)
-    schemes = {}
-    for (bits, group_size, symmetric, act_order), names in targets.items():
-        grouped = group_size != -1
-        weights = QuantizationArgs(
-            num_bits=bits,
-            type="int",
-            symmetric=symmetric,
-            strategy="group" if grouped else "channel",
-            group_size=group_size if grouped else None,
-            actorder="weight" if act_order else None,
-        )
-        schemes[(bits, group_size, symmetric, act_order)] = QuantizationScheme(targets=names, weights=weights)
-    return schemes
+    grouped = record.group_size != -1
+    weights = QuantizationArgs(
+        num_bits=record.bits,
+        type="int",
+        symmetric=record.symmetric,
+        strategy="group" if grouped else "channel",
+        group_size=record.group_size if grouped else None,
+        actorder="weight" if record.act_order else None,
+    )
+    return QuantizationScheme(targets=targets, weights=weights)

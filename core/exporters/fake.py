@@ -3,10 +3,11 @@ layout, for research use. It expresses every run; online input operations are re
 it (see `compquant.core.saving`) and re-attached by `compquant.load_model`."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import torch
+from torch import Tensor
 
-from .base import Exporter, ExportJob, dense_state_dict, write_transformers_checkpoint
+from ..qlinear import QuantizedLinear
+from .base import Exporter, ExportJob
 
 
 class FakeQuantExporter(Exporter):
@@ -16,11 +17,5 @@ class FakeQuantExporter(Exporter):
     def unsupported(self, job: ExportJob) -> str | None:
         return None
 
-    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
-        if job.is_transformers_model:
-            write_transformers_checkpoint(job, folder, dense_state_dict(job), quantization_config=None)
-        else:  # a timm model: config.json and model.safetensors that timm's local-dir: loader reads
-            from timm.models import save_for_hf
-
-            save_for_hf(job.model, folder, safe_serialization=True)
-        return {"format": self.name}
+    def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+        return {"weight": record.dequantize(dtype)}

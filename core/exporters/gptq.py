@@ -12,13 +12,12 @@ as they are and expresses every asymmetric grid, but only GPTQModel reads it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..qlinear import QuantizedLinear
-from .base import Exporter, ExportJob, dense_state_dict, online_ops_problem, write_transformers_checkpoint
+from .base import Exporter, ExportJob, add_quantization_config, online_ops_problem
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -52,13 +51,9 @@ class GptqExporter(Exporter):
                         "gptq-v2 (GPTQModel), --format compressed-tensors, or a symmetric grid")
         return None
 
-    def write(self, job: ExportJob, folder: Path) -> dict[str, Any]:
-        state = dense_state_dict(job)
-        for name, record in job.records.items():
-            del state[f"{name}.weight"]
-            state.update({f"{name}.{key}": value for key, value in self.pack(record, job.float_dtype).items()})
-        first = next(iter(job.records.values()))
-        quantization_config = {
+    def annotate(self, folder: Path, records: dict[str, QuantizedLinear]) -> None:
+        first = next(iter(records.values()))
+        add_quantization_config(folder, {
             "quant_method": "gptq",
             "bits": first.bits,
             "group_size": first.group_size,
@@ -68,11 +63,9 @@ class GptqExporter(Exporter):
             "checkpoint_format": "gptq" if self.version == 1 else "gptq_v2",
             "pack_dtype": "int32",
             "meta": {"quantizer": ["compquant"]},
-        }
-        write_transformers_checkpoint(job, folder, state, quantization_config)
-        return {"format": self.name}
+        })
 
-    def pack(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
+    def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
         """The four GPTQ tensors of one linear."""
         zeros = record.zero.to(torch.int16) - (1 if self.version == 1 else 0)
         return {
