@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import ArchitectureAdapter
+from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
@@ -76,32 +77,36 @@ def calibrate(
     batches: Sequence[Tensor] | None,
     hook: Any | None = None,
     checkpoint: BlockCheckpoint | None = None,
+    store: ResidentBlocks | StreamedBlocks | None = None,
 ) -> QuantReport:
     """Quantize every linear the adapter names, in place. ``batches`` are the model's calibration
     inputs (token ids for language models); they may be None only for solvers that use no
     statistics. ``hook`` is the plugin manager's hook relay, or None to call no hooks. With a
     ``checkpoint``, blocks it records as finished are reloaded instead of quantized again, and
-    every newly finished block is recorded in it."""
+    every newly finished block is recorded in it. ``store`` says where blocks come from and go to
+    (default: they are in memory; see `compquant.core.block_store`)."""
     started = time.perf_counter()
     wanted = plan.wanted
     if wanted and not batches:
         raise ValueError(f"solver {plan.solver_name!r} needs calibration data; none was given")
     report = QuantReport(solver=plan.solver_name)
     blocks = plan.adapter.block_list(model)
-    home = next(blocks[0].parameters()).device
+    store = store or ResidentBlocks(plan.device)
     with torch.inference_mode():
         stream = fp_stream = None
+        store.prepare_outside(model, blocks)
         if wanted:
             stream = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in stream.hidden)
             fp_stream = _Stream(list(stream.hidden), stream.kwargs) if Statistic.CROSS in wanted else None
+        store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, stream, fp_stream) if checkpoint is not None else 0
         for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
                               total=len(blocks)):
             block = blocks[index]
-            block.to(plan.device)
-            full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             prefix = f"{plan.adapter.blocks}.{index}"
+            store.load(prefix, block)
+            full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             finished = len(report.layers)
             for group_index, group in enumerate(plan.adapter.groups):
                 stats = None
@@ -121,13 +126,14 @@ def calibrate(
             if full_precision is not None:
                 fp_stream.hidden = full_precision.next_hidden()
             del full_precision
-            block.to(home)
+            layers = report.layers[finished:]
+            records = {layer.name: report.records[layer.name] for layer in layers}
             if checkpoint is not None:
-                layers = report.layers[finished:]
-                checkpoint.save_block(index, block, {layer.name: report.records[layer.name] for layer in layers}, layers,
+                checkpoint.save_block(index, block, records, layers,
                                       stream.hidden if stream else None, fp_stream.hidden if fp_stream else None)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
+            store.release(prefix, block, records)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -325,7 +331,7 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
                 visit(child)
                 continue
             tensors = list(child.parameters()) + list(child.buffers())
-            if tensors and tensors[0].device != device:
+            if tensors and tensors[0].device != device and not tensors[0].is_meta:  # meta: not needed, not loaded
                 moved.append((child, tensors[0].device))
                 child.to(device)
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .adapter import ArchitectureAdapter
 from .calibration import CalibrationPlan, calibrate
+from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
 from .config import QuantConfig
 from .plugin_manager import build_registry, default_plugin_manager, default_registry
@@ -87,6 +88,7 @@ def quantize(
     tokenizer: Any | None = None,
     plugin_manager: pluggy.PluginManager | None = None,
     resume_dir: str | Path | None = None,
+    block_store: StreamedBlocks | None = None,
 ) -> QuantReport:
     """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``.
 
@@ -94,8 +96,9 @@ def quantize(
     input), or a sequence of ready batches. Without it, language-model calibration windows are drawn
     from ``config.calibration.dataset`` with ``tokenizer``. With ``resume_dir``, progress is kept
     there after every block and a run killed part way continues from it (see
-    `compquant.core.checkpoint`); remove the folder once the result is saved. Returns the
-    per-layer report, whose ``records`` the exporters read.
+    `compquant.core.checkpoint`); remove the folder once the result is saved. ``block_store``
+    streams the blocks of a weightless skeleton from disk (low-memory mode, see
+    `compquant.core.low_memory`). Returns the per-layer report, whose ``records`` the exporters read.
     """
     pm = plugin_manager or default_plugin_manager()
     registry = registry_for(plugin_manager)
@@ -110,7 +113,8 @@ def quantize(
     context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
     apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options)
     pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
-    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint)
+    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint,
+                       store=block_store)
     pm.hook.compquant_after_calibration(model=model, report=report, config=config)
     return report
 

@@ -10,8 +10,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -93,18 +95,23 @@ def save_quantized(
     online = describe_input_ops(model)
     job = ExportJob(model, report.records, online, dtype, max_shard_size)
     exporter = choose_exporter(format, job)
+    with staged_output(output, overwrite=overwrite) as staging:
+        export = write_export(exporter, job, staging)
+        write_metadata(staging, tokenizer, config, report, export, online)
+    log.info("saved the %s export to %s", export["format"], output)
+    return output
+
+
+@contextmanager
+def staged_output(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside ``output`` to write into; fsynced and renamed to ``output`` when
+    the block completes, removed if it fails (a full disk becomes an `OutputPathError`)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
-        export = write_export(exporter, job, staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / CONFIG_FILE).write_text(config.to_json())
-        (staging / REPORT_FILE).write_text(json.dumps({**report.to_dict(), "export": export}, indent=2))
-        if online:
-            (staging / ONLINE_OPS_FILE).write_text(json.dumps(online, indent=2))
+        yield staging
         _fsync_tree(staging)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        _move_into_place(staging, output)
+        _move_into_place(staging, output, overwrite=overwrite)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
@@ -113,14 +120,25 @@ def save_quantized(
                 "Free space and save again"
             ) from error
         raise
-    log.info("saved the %s export to %s", export["format"], output)
-    return output
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
-    """Rename ``staging`` to ``output``; an existing ``output`` is moved aside first and deleted
-    only after the rename succeeded."""
-    if not output.exists():
+def write_metadata(
+    folder: Path, tokenizer: Any | None, config: QuantConfig, report: QuantReport, export: dict[str, str],
+    online: dict[str, Any],
+) -> None:
+    """The tokenizer, the resolved config, the report with the export's format, and the online ops."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / CONFIG_FILE).write_text(config.to_json())
+    (folder / REPORT_FILE).write_text(json.dumps({**report.to_dict(), "export": export}, indent=2))
+    if online:
+        (folder / ONLINE_OPS_FILE).write_text(json.dumps(online, indent=2))
+
+
+def _move_into_place(staging: Path, output: Path, *, overwrite: bool) -> None:
+    """Rename ``staging`` to ``output``; an existing ``output`` (allowed only with ``overwrite``)
+    is moved aside first and deleted only after the rename succeeded."""
+    if not output.exists() or not overwrite:
         os.rename(staging, output)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".replaced", dir=output.parent))

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..core.block_store import SafetensorsWeights
 from ..core.errors import ModelLoadError
 from ..core.online import restore_input_ops
 from ..core.saving import ONLINE_OPS_FILE
@@ -57,6 +58,8 @@ class LoadedModel:
     """The tokenizer of a language model; None for a vision model."""
     source: str
     """Where it came from: a resolved local path, or the hub name."""
+    weights: SafetensorsWeights | None = None
+    """In low-memory mode, where the skeleton's tensors are read from."""
 
     @property
     def is_vision(self) -> bool:
@@ -84,12 +87,18 @@ def resolve_model_path(spec: str) -> Path | None:
     )
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None) -> LoadedModel:
+def load_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None, low_memory: bool = False
+) -> LoadedModel:
     """Load ``spec``: a folder with config.json (transformers or timm), a .gguf file (or a folder
     holding one), a preset name, a hub name, or ``timm:NAME`` (with ``checkpoint``, a local
-    safetensors or .pth file, or else timm's pretrained weights from its hub)."""
+    safetensors or .pth file, or else timm's pretrained weights from its hub). With
+    ``low_memory``, a transformers folder becomes a skeleton without weights whose tensors
+    `compquant.core.low_memory` reads one block at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if low_memory:
+        return _skeleton(spec, dtype)
     if spec.startswith(TIMM_PREFIX):
         return LoadedModel(_timm_by_name(spec[len(TIMM_PREFIX) :], checkpoint).to(dtype).eval(), None, spec)
     path = resolve_model_path(spec)
@@ -123,6 +132,22 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, checkpoint: str
         restore_input_ops(model, json.loads(online.read_text()))
         log.info("re-attached the online input operations recorded in %s", online)
     return LoadedModel(model, tokenizer, str(path))
+
+
+def _skeleton(spec: str, dtype: torch.dtype) -> LoadedModel:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec) if not spec.startswith(TIMM_PREFIX) else None
+    if path is None or not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"low-memory mode reads a local transformers folder with safetensors shards, and {spec!r} is not one; "
+            "load it once without --low-memory and save it with save_pretrained, or drop --low-memory"
+        )
+    weights = SafetensorsWeights(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(path), str(path), weights)
 
 
 def _dense_quantized(path: Path, config: dict[str, Any]) -> dict[str, Any]:
