@@ -1,8 +1,10 @@
-"""Where a solver's time goes: cProfile of `compquant.quantize` on SmolLM2-135M (its first blocks),
-split into block forwards, statistics accumulation, Cholesky/inverse, compensation-term setup, the
-column loop and the error report, per solver.
+"""Where a solver's time goes: cProfile of `compquant.quantize` on SmolLM2-135M (all 30 blocks, or
+its first ones), split into block forwards, statistics accumulation, Cholesky/inverse,
+compensation-term setup, the column loop and the error report, per solver; and the run's floor:
+one plain forward pass of the calibration set through the model per stream (one for GPTQ, two for
+GPTAQ and ResComp, which also follow the full-precision model) plus the solves themselves.
 
-    python bench/profile_solvers.py --data-dir ../shared/data --blocks 6 --threads 2
+    python bench/profile_solvers.py --data-dir ../shared/data --blocks 30 --nsamples 32 --threads 2
 """
 from __future__ import annotations
 
@@ -51,7 +53,13 @@ def main() -> None:
                                   data_dir=args.data_dir)
     print(f"SmolLM2-135M, first {args.blocks} blocks, {args.nsamples} x {args.seqlen} calibration tokens, "
           f"W3 g128 asym, {args.threads} thread(s)")
-    header = f"{'solver':<9} {'total s':>8} " + " ".join(f"{c:>14}" for c in dict.fromkeys(c for c, _, _ in PARTS)) + f" {'column loop':>12}"
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for batch in windows.split(8):
+            model(batch, use_cache=False)
+        forward = time.perf_counter() - started
+    print(f"one forward pass of the calibration set: {forward:.1f} s")
+    header = f"{'solver':<9} {'total s':>8} {'floor s':>8} " + " ".join(f"{c:>14}" for c in dict.fromkeys(c for c, _, _ in PARTS)) + f" {'column loop':>12}"
     print(header)
     for solver in args.solvers.split(","):
         config = compquant.QuantConfig(solver=solver, grid={"bits": 3, "group_size": 128},
@@ -64,12 +72,13 @@ def main() -> None:
         profiler.disable()
         total = time.perf_counter() - started
         stats = pstats.Stats(profiler)
+        solve = cumulative(stats, "solve_columns", "columns.py")
         shares: dict[str, float] = {}
         for category, name, suffix in PARTS:
             shares[category] = shares.get(category, 0.0) + cumulative(stats, name, suffix)
-        solve = cumulative(stats, "solve_columns", "columns.py")
         inside = cumulative(stats, "inverse_hessian_factor", "columns.py") + cumulative(stats, "least_squares_absorption", "gptaq.py")
-        print(f"{solver:<9} {total:>8.1f} " + " ".join(f"{v:>7.1f} ({100 * v / total:>3.0f}%)" for v in shares.values())
+        floor = forward * (1 if solver == "gptq" else 2) + solve  # the forwards the streams need, plus the solves
+        print(f"{solver:<9} {total:>8.1f} {floor:>8.1f} " + " ".join(f"{v:>7.1f} ({100 * v / total:>3.0f}%)" for v in shares.values())
               + f" {solve - inside:>5.1f} ({100 * (solve - inside) / total:>3.0f}%)", flush=True)
 
 
