@@ -65,6 +65,7 @@ class CalibrationPlan:
     stats_dtype: torch.dtype = torch.float32
     fp_inputs: Literal["auto", "stream", "cache"] = "auto"
     fp_cache_bytes: int = 2 * 2**30
+    sequential: Literal["groups", "blocks"] = "groups"
 
     @property
     def wanted(self) -> frozenset[Statistic]:
@@ -108,9 +109,14 @@ def calibrate(
             store.load(prefix, block)
             full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             finished = len(report.layers)
+            block_stats = None
+            if wanted and plan.sequential == "blocks":
+                block_stats = _block_statistics(block, stream, full_precision, plan, prefix)
             for group_index, group in enumerate(plan.adapter.groups):
                 stats = None
-                if wanted:
+                if block_stats is not None:
+                    stats, block_stats[group_index] = block_stats[group_index], None
+                elif wanted:
                     stats = _group_statistics(block, group_index, stream, full_precision, plan, prefix)
                 for name in group:
                     layer = block.get_submodule(name)
@@ -263,6 +269,46 @@ def _capture_group_inputs(block: nn.Module, firsts: list[str], stream: _Stream) 
     return captured, outputs
 
 
+def _block_statistics(
+    block: nn.Module, stream: _Stream, full_precision: _FullPrecisionInputs | None, plan: CalibrationPlan, prefix: str
+) -> list[LayerStatistics | None]:
+    """Every group's statistics from one pass of the block as it is (``sequential: blocks``)."""
+    firsts = [group[0] for group in plan.adapter.groups]
+    accumulators: list[StatisticsAccumulator | None] = [None] * len(firsts)
+    batch_index = 0
+
+    def accumulate(group_index: int, inputs: Tensor) -> None:
+        if accumulators[group_index] is None:
+            accumulators[group_index] = StatisticsAccumulator(inputs.shape[-1], plan.wanted, dtype=plan.stats_dtype,
+                                                              device=plan.device)
+        fp_inputs = full_precision.inputs(group_index, batch_index) if full_precision is not None else None
+        accumulators[group_index].add(inputs, fp_inputs)
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(lambda module, args, i=i: accumulate(i, args[0]))
+               for i, name in enumerate(firsts)]
+    try:
+        for batch_index, (hidden, kwargs) in enumerate(zip(stream.hidden, stream.kwargs)):
+            block(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if full_precision is not None:
+        for group_index in range(len(firsts)):
+            full_precision.release(group_index)
+    return [_finished(accumulator, f"{prefix}.{name}") for accumulator, name in zip(accumulators, firsts)]
+
+
+def _finished(accumulator: StatisticsAccumulator | None, name: str) -> LayerStatistics:
+    if accumulator is None:
+        raise RuntimeError(f"{name} was not called when its block ran; the adapter's groups do not match the model")
+    try:
+        return accumulator.result()
+    except NonFiniteStatisticsError as error:
+        raise NonFiniteStatisticsError(
+            f"{error} at the inputs of {name}; the model produced non-finite activations there, nothing was written"
+        ) from None
+
+
 def _group_statistics(
     block: nn.Module,
     group_index: int,
@@ -281,13 +327,7 @@ def _group_statistics(
         accumulator.add(inputs, fp_inputs)
     if full_precision is not None:
         full_precision.release(group_index)
-    try:
-        return accumulator.result()
-    except NonFiniteStatisticsError as error:
-        raise NonFiniteStatisticsError(
-            f"{error} at the inputs of {prefix}.{first}; the model produced non-finite activations there, "
-            "nothing was written"
-        ) from None
+    return _finished(accumulator, f"{prefix}.{first}")
 
 
 def _input_of(block: nn.Module, name: str, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:

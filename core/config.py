@@ -50,6 +50,12 @@ class CalibrationConfig(_Strict):
         "block (cache), or cache when it fits fp_cache_mib (auto)",
     )
     fp_cache_mib: int = Field(2048, ge=0, description="memory allowed for cached full-precision inputs of one block")
+    sequential: Literal["groups", "blocks"] = Field(
+        "groups",
+        description="statistics of each group after the groups before it in its block are quantized (groups: "
+        "true-sequential, as the GPTQ/GPTAQ/ResComp papers), or of every group from one pass of the unquantized "
+        "block (blocks: as llm-compressor and AutoGPTQ without true-sequential; two block passes instead of one per group)",
+    )
 
 
 class QuantConfig(_Strict):

@@ -76,6 +76,7 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         device=resolve_device(config.device),
         stats_dtype=getattr(torch, config.stats_dtype),
         fp_inputs=config.calibration.fp_inputs,
+        sequential=config.calibration.sequential,
         fp_cache_bytes=config.calibration.fp_cache_mib * 2**20,
     )
 

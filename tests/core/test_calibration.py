@@ -304,3 +304,41 @@ def test_cached_and_streamed_full_precision_inputs_give_the_same_model(make_llam
         assert len(copies) == (2 if mode == "stream" else 0)  # a block copy per block only when streaming
     for name, tensor in results["stream"].items():
         assert torch.equal(tensor, results["cache"][name]), name
+
+
+def test_sequential_blocks_takes_every_groups_statistics_from_one_pass_of_the_unquantized_block(
+        make_llama, token_batches):
+    model = make_llama()
+    calibration = token_batches(4, 16)
+    inputs = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+             for name, module in model.model.layers[0].named_modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        model(calibration, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    weights = {name: module.weight.detach().clone() for name, module in model.model.layers[0].named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    passes = []
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: passes.append(1))
+    config = QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                         calibration={"sequential": "blocks", "batch_size": 4})
+    report = compquant.quantize(model, config, calibration=calibration)
+    assert len(passes) == 3  # catching the inputs, statistics of all four groups, propagation
+    for name, x in inputs.items():
+        expected = compquant.quantize_layer(weights[name], x.reshape(-1, x.shape[-1]), solver="gptq", bits=3,
+                                            group_size=32, stats_dtype=torch.float64)
+        assert torch.equal(report.records[f"model.layers.0.{name}"].codes.to(torch.int16), expected.codes), name
+
+
+@pytest.mark.parametrize("fp_inputs", ["cache", "stream"])
+def test_sequential_blocks_pairs_the_full_precision_inputs_of_each_batch(make_llama, token_batches, fp_inputs):
+    calibration = token_batches(4, 16)
+    results = []
+    for batch_size in (1, 4):  # the cross term must not depend on how the tokens are batched
+        model = make_llama()
+        config = QuantConfig(solver="gptaq", grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                             calibration={"sequential": "blocks", "fp_inputs": fp_inputs, "batch_size": batch_size})
+        results.append(compquant.quantize(model, config, calibration=calibration).records)
+    for name, record in results[0].items():
+        assert (record.codes != results[1][name].codes).float().mean() < 0.01, name
