@@ -118,9 +118,8 @@ def calibrate(
                     stats, block_stats[group_index] = block_stats[group_index], None
                 elif wanted:
                     stats = _group_statistics(block, group_index, stream, full_precision, plan, prefix)
-                for name in group:
-                    layer = block.get_submodule(name)
-                    layer_report, result = _quantize_linear(layer, f"{prefix}.{name}", stats, plan)
+                layers = [(f"{prefix}.{name}", block.get_submodule(name)) for name in group]
+                for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan)):
                     report.layers.append(layer_report)
                     report.records[layer_report.name] = QuantizedLinear.from_result(result, plan.grid)
                     if hook is not None:
@@ -132,10 +131,10 @@ def calibrate(
             if full_precision is not None:
                 fp_stream.hidden = full_precision.next_hidden()
             del full_precision
-            layers = report.layers[finished:]
-            records = {layer.name: report.records[layer.name] for layer in layers}
+            done = report.layers[finished:]
+            records = {layer.name: report.records[layer.name] for layer in done}
             if checkpoint is not None:
-                checkpoint.save_block(index, block, records, layers,
+                checkpoint.save_block(index, block, records, done,
                                       stream.hidden if stream else None, fp_stream.hidden if fp_stream else None)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
@@ -171,21 +170,35 @@ def _check_finite(hidden: Sequence[Tensor], prefix: str) -> None:
         )
 
 
-def _quantize_linear(
-    layer: nn.Module, name: str, stats: LayerStatistics | None, plan: CalibrationPlan
-) -> tuple[LayerReport, LayerResult]:
+def _quantize_group(
+    layers: list[tuple[str, nn.Module]], stats: LayerStatistics | None, plan: CalibrationPlan
+) -> list[tuple[LayerReport, LayerResult]]:
+    """Quantize the linears of one group, which share ``stats``. A solver whose rows are independent
+    solves them stacked: one factorization and one column loop for the whole group."""
     started = time.perf_counter()
-    weight = layer.weight.data
-    result = plan.solver.solve(weight, stats, plan.grid, plan.options)
-    if result.weight.shape != weight.shape or not torch.isfinite(result.weight).all():
-        raise ArithmeticError(f"solver {plan.solver_name!r} returned a weight of shape {tuple(result.weight.shape)} "
-                              f"with non-finite values for {name}; nothing was written")
-    error = relative_output_error(weight, result.weight, stats.hessian) if stats is not None else None
-    layer.weight.data.copy_(result.weight)
-    seconds = time.perf_counter() - started
-    shown = "n/a" if error is None else f"{error:.3e}"
-    log.info("%s %s: relative output error %s (%.2fs)", plan.solver_name, name, shown, seconds)
-    return LayerReport(name, plan.solver_name, tuple(weight.shape), error, seconds), result
+    weights = [layer.weight.data for _, layer in layers]
+    if plan.solver.rows_independent and len(weights) > 1:
+        stacked = plan.solver.solve(torch.cat(weights), stats, plan.grid, plan.options)
+        results = _split_rows(stacked, [weight.shape[0] for weight in weights])
+    else:
+        results = [plan.solver.solve(weight, stats, plan.grid, plan.options) for weight in weights]
+    seconds = (time.perf_counter() - started) / sum(weight.shape[0] for weight in weights)
+    done = []
+    for (name, layer), weight, result in zip(layers, weights, results):
+        if result.weight.shape != weight.shape or not torch.isfinite(result.weight).all():
+            raise ArithmeticError(f"solver {plan.solver_name!r} returned a weight of shape {tuple(result.weight.shape)} "
+                                  f"with non-finite values for {name}; nothing was written")
+        error = relative_output_error(weight, result.weight, stats.hessian) if stats is not None else None
+        layer.weight.data.copy_(result.weight)
+        log.info("%s %s: relative output error %s", plan.solver_name, name, "n/a" if error is None else f"{error:.3e}")
+        done.append((LayerReport(name, plan.solver_name, tuple(weight.shape), error, seconds * weight.shape[0]), result))
+    return done
+
+
+def _split_rows(result: LayerResult, rows: list[int]) -> list[LayerResult]:
+    """One stacked solve's result, cut back into the linears it was stacked from."""
+    parts = [torch.split(tensor, rows) for tensor in (result.weight, result.codes, result.scale, result.zero)]
+    return [LayerResult(weight, codes, scale, zero, result.g_idx, result.perm) for weight, codes, scale, zero in zip(*parts)]
 
 
 def relative_output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) -> float:

@@ -41,6 +41,10 @@ class Solver(ABC):
 
     #: The solver's option model; ``options(**values)`` validates what a config gives.
     Options: ClassVar[type[SolverOptions]] = SolverOptions
+    #: True when every output row is quantized independently of the others, so that the linears of
+    #: a group, which share statistics, can be solved as one stacked matrix (one factorization and
+    #: one column loop instead of one per linear). All of compquant's solvers are.
+    rows_independent: ClassVar[bool] = False
 
     def options(self, values: dict[str, Any] | None = None) -> SolverOptions:
         return self.Options(**(values or {}))

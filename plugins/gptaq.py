@@ -46,6 +46,7 @@ def asymmetric_term(cross: Tensor, problem: PreparedProblem, alpha: float) -> Co
 
 class GPTAQ(Solver):
     Options = GPTAQOptions
+    rows_independent = True
 
     def statistics(self, options: GPTAQOptions) -> frozenset[Statistic]:
         return frozenset({Statistic.HESSIAN, Statistic.CROSS})

@@ -14,6 +14,7 @@ class GPTQ(Solver):
     """argmin_Q ‖WX − QX‖², one column at a time, the rest compensating (algorithms.md §1)."""
 
     Options = ColumnOptions
+    rows_independent = True
 
     def statistics(self, options: ColumnOptions) -> frozenset[Statistic]:
         return frozenset({Statistic.HESSIAN})

@@ -58,6 +58,7 @@ def compensation_aware_term(fp_cross_input: Tensor, problem: PreparedProblem, al
 
 class ResComp(Solver):
     Options = ResCompOptions
+    rows_independent = True
 
     def statistics(self, options: ResCompOptions) -> frozenset[Statistic]:
         if options.base == "gptaq":

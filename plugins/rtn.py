@@ -30,6 +30,8 @@ def round_to_nearest(weight: Tensor, grid: Grid) -> LayerResult:
 class RTN(Solver):
     """Round to nearest on the grid; needs no statistics."""
 
+    rows_independent = True
+
     def statistics(self, options: SolverOptions) -> frozenset[Statistic]:
         return frozenset()
 
