@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 
 from .config import QuantConfig, read_config_file
 from .errors import CompquantError
+from .exporters import FORMATS
 
 log = logging.getLogger("compquant")
 
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration:\n{error}", file=sys.stderr)
     except (CompquantError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise
+        print(f"error: {error.strerror} while writing {error.filename or 'a file'}; free space or fix the "
+              "permissions, then run the same command again (finished blocks are kept and resumed)", file=sys.stderr)
     return 2
 
 
@@ -47,16 +55,31 @@ def _parser() -> argparse.ArgumentParser:
     _quant_options(quantize)
     quantize.add_argument("--output", "-o", help="folder to create for the quantized model (must not exist)")
     quantize.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
+    quantize.add_argument("--format", default="auto", choices=FORMATS,
+                          help="export format (default auto: compressed-tensors where it can express the run, "
+                               "else gptq, else fake)")
+    quantize.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                          help="dtype of the written scales and unquantized weights (default: the model's)")
+    quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing compquant output folder")
+    quantize.add_argument("--no-resume", action="store_true",
+                          help="keep no per-block checkpoint (by default a killed run resumes when run again)")
+    quantize.add_argument("--low-memory", action="store_true",
+                          help="read, quantize and write one block at a time (a local safetensors folder; no "
+                               "transforms, no resume)")
     quantize.set_defaults(run=_run_quantize)
 
     evaluate = commands.add_parser("eval", help="evaluate an original or saved model")
     evaluate.add_argument("model", help="local folder, .gguf file, hub name, preset, or a compquant output folder")
-    evaluate.add_argument("--ppl", default="wikitext2", help="perplexity dataset (default wikitext2; language models)")
+    evaluate.add_argument("--ppl", help="perplexity dataset (default wikitext2 unless --tasks is given; language models)")
+    evaluate.add_argument("--tasks", help="zero-shot lm-eval tasks, comma-separated, e.g. "
+                          "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai (language models)")
     evaluate.add_argument("--imagefolder", help="top-1 accuracy on this image folder, one sub-folder per class (vision models)")
     evaluate.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
     evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    evaluate.add_argument("--limit", type=int, help="evaluate at most this many windows")
-    evaluate.add_argument("--batch-size", type=int, help="windows (default 1) or images (default 256) per forward pass")
+    evaluate.add_argument("--limit", type=int, help="evaluate at most this many windows, images, or documents per task")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="windows (default 1), images (default 256) or task requests (default 8) per forward pass")
     evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
     evaluate.add_argument("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
@@ -106,6 +129,9 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--nsamples", type=int, help="calibration windows")
     add("--seqlen", type=int, help="tokens per calibration window")
     add("--batch-size", type=int, help="calibration windows per forward pass")
+    add("--sequential", choices=["groups", "blocks"],
+        help="statistics per group after the earlier groups are quantized (groups, default) or of all groups "
+             "from one pass of the unquantized block (blocks: fewer forward passes, as llm-compressor)")
     add("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
     add("--seed", type=int, help="calibration sampling seed")
@@ -138,6 +164,7 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
         (calibration, "nsamples", args.nsamples),
         (calibration, "seqlen", args.seqlen),
         (calibration, "batch_size", args.batch_size),
+        (calibration, "sequential", args.sequential),
         (solver_options, "act_order", args.act_order),
     ]
     for target, key, value in overrides:
@@ -153,8 +180,10 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
 
 # -------------------------------------------------------------------------------------- commands
 def _run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
     from .pipeline import check_plugins, quantize, registry_for
-    from .saving import check_output, save_quantized
+    from .saving import check_output, needed_bytes, save_quantized
     from ..models.loading import load_model, resolve_model_path
 
     config = build_config(args)
@@ -164,10 +193,27 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise ValueError("name the output folder with --output DIR (it must not exist yet)")
     check_plugins(config, registry_for(None))
     source = resolve_model_path(config.model)
-    check_output(config.output, source)
+    output = check_output(config.output, source, overwrite=args.overwrite)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.low_memory:
+        from .low_memory import quantize_low_memory
+
+        loaded = load_model(config.model, low_memory=True)
+        report = quantize_low_memory(loaded.model, loaded.weights, config, output, tokenizer=loaded.tokenizer,
+                                     format=args.format, dtype=dtype, max_shard_size=args.max_shard_size,
+                                     overwrite=args.overwrite)
+        print(f"saved {config.solver} W{config.grid.bits} model to {output} block by block "
+              f"({len(report.layers)} linears, {report.seconds:.1f} s)")
+        return 0
     loaded = load_model(config.model, checkpoint=args.checkpoint)
-    report = quantize(loaded.model, config, tokenizer=loaded.tokenizer)
-    saved = save_quantized(loaded.model, loaded.tokenizer, config.output, config=config, report=report, source=source)
+    check_output(output, source, overwrite=args.overwrite,
+                 needed_bytes=needed_bytes(loaded.model, dtype, resume=not args.no_resume))
+    resume_dir = None if args.no_resume else output.parent / f".{output.name}.compquant-resume"
+    report = quantize(loaded.model, config, tokenizer=loaded.tokenizer, resume_dir=resume_dir)
+    saved = save_quantized(loaded.model, loaded.tokenizer, output, config=config, report=report, source=source,
+                           format=args.format, overwrite=args.overwrite, dtype=dtype, max_shard_size=args.max_shard_size)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
     error = report.mean_relative_error
     print(f"saved {config.solver} W{config.grid.bits} model to {saved} "
           f"({len(report.layers)} linears, mean relative error {'n/a' if error is None else f'{error:.4f}'}, "
@@ -179,32 +225,65 @@ def _run_eval(args: argparse.Namespace) -> int:
     from .pipeline import apply_transforms, registry_for, resolve_device
     from .saving import write_text_atomic
     from .transform import TransformContext
-    from ..evaluation.perplexity import perplexity
+    from ..evaluation.datasets import data_dir
+    from ..evaluation.task_configs import check_tasks
+    from ..evaluation.zeroshot import parse_tasks
     from ..models.loading import load_model
 
     registry = registry_for(None)
     for name in args.transform:  # fail on a bad name before loading the model
         registry.transform(name)
+    tasks = parse_tasks(args.tasks) if args.tasks is not None else []
+    if tasks:  # likewise on a task without a local copy, a missing data file, or no lm-eval
+        check_tasks(tasks, data_dir(args.data_dir))
     device = resolve_device(args.device)
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
     if args.transform:
         apply_transforms(model, args.transform, registry, registry.adapter_for(model), TransformContext(seed=args.seed))
+    record: dict[str, Any] = {"model": loaded.source, "transforms": args.transform}
     if loaded.is_vision:
         from ..evaluation.images import top1_accuracy
 
+        if tasks:
+            raise ValueError(f"{args.model} is a vision model: --tasks needs a language model")
         if not args.imagefolder:
             raise ValueError(f"{args.model} is a vision model: give --imagefolder DIR (one sub-folder per class)")
         result = top1_accuracy(model, args.imagefolder, batch_size=args.batch_size or 256, limit=args.limit)
         print(f"{loaded.source}: top-1 {100 * result.top1:.2f}% on {result.images} images of {result.folder}")
+        record.update(result.to_dict())
     else:
-        result = perplexity(model, loaded.tokenizer, args.ppl, seqlen=args.seqlen, limit=args.limit,
+        record.update(_evaluate_language_model(args, model, loaded, tasks))
+    if args.json:
+        write_text_atomic(args.json, json.dumps(record, indent=2))
+    return 0
+
+
+def _evaluate_language_model(args: argparse.Namespace, model: Any, loaded: Any, tasks: list[str]) -> dict[str, Any]:
+    """Perplexity on ``--ppl`` (wikitext2 when neither it nor ``--tasks`` is given) and zero-shot
+    ``tasks``; a compquant output folder also gets the zero-shot result beside its model."""
+    from .saving import CONFIG_FILE, write_text_atomic
+    from ..evaluation.perplexity import perplexity
+    from ..evaluation.zeroshot import ZEROSHOT_FILE, zero_shot
+
+    record: dict[str, Any] = {}
+    dataset = args.ppl or (None if tasks else "wikitext2")
+    if dataset:
+        result = perplexity(model, loaded.tokenizer, dataset, seqlen=args.seqlen, limit=args.limit,
                             batch_size=args.batch_size or 1, data_dir=args.data_dir)
         print(f"{loaded.source}: {result.dataset} perplexity {result.perplexity:.4f} "
               f"({result.windows} windows x {result.seqlen} tokens)")
-    if args.json:
-        write_text_atomic(args.json, json.dumps({"model": loaded.source, "transforms": args.transform, **result.to_dict()}, indent=2))
-    return 0
+        record.update(result.to_dict())
+    if tasks:
+        scores = zero_shot(model, loaded.tokenizer, tasks, data_dir=args.data_dir, limit=args.limit,
+                           batch_size=args.batch_size or 8)
+        print(f"{loaded.source}: zero-shot\n{scores.table()}")
+        record["zeroshot"] = scores.to_dict()
+        folder = Path(loaded.source)
+        if folder.is_dir() and (folder / CONFIG_FILE).is_file():
+            beside = {"model": loaded.source, "transforms": args.transform, **scores.to_dict()}
+            write_text_atomic(folder / ZEROSHOT_FILE, json.dumps(beside, indent=2))
+    return record
 
 
 def _run_compare(args: argparse.Namespace) -> int:

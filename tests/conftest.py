@@ -54,6 +54,15 @@ def make_llama():
     return make
 
 
+@pytest.fixture
+def model_dir(make_llama, tiny_tokenizer, tmp_path):
+    """A tiny Llama and its tokenizer saved as a local model folder."""
+    folder = tmp_path / "tiny-llama"
+    make_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with a 300-token vocabulary, trained on a few sentences."""

@@ -19,6 +19,8 @@ def test_wheel_holds_only_the_compquant_namespace(tmp_path):
     for package in ("core", "plugins", "models", "evaluation"):
         assert f"compquant/{package}/__init__.py" in names
     assert not any(name.startswith("compquant/tests/") or name.startswith("compquant/bench/") for name in names)
+    task_configs = {f"compquant/evaluation/tasks/{path.name}" for path in (ROOT / "evaluation" / "tasks").glob("*.yaml")}
+    assert task_configs and task_configs <= set(names)  # the lm-eval tasks of `compquant eval --tasks`
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "compquant = compquant.core.cli:main" in entry_points
 

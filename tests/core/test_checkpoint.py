@@ -93,11 +93,8 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_in_the_middle_of_a_block_then_the_same_command_resumes(make_llama, tiny_tokenizer, data_dir,
-                                                                        tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_llama().save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
+def test_sigkill_in_the_middle_of_a_block_then_the_same_command_resumes(model_dir, data_dir, tmp_path):
+    folder = model_dir
     script = tmp_path / "run.py"
     script.write_text(KILLER)
 

@@ -8,14 +8,6 @@ import torch
 from compquant.core.cli import main
 
 
-@pytest.fixture
-def model_dir(make_llama, tiny_tokenizer, tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_llama().save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def quantize_args(model_dir, data_dir, output, *extra):
     return ["quantize", str(model_dir), "--solver", "gptq", "--bits", "3", "--group-size", "32", "--nsamples", "4",
             "--seqlen", "16", "--data-dir", str(data_dir), "--output", str(output), "-q", *extra]
