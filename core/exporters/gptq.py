@@ -76,6 +76,21 @@ class GptqExporter(Exporter):
         }
 
 
+def dequantize_linear(tensors: dict[str, Tensor], bits: int, checkpoint_format: str) -> Tensor:
+    """The dense (out, in) weight of one linear from its ``qweight``, ``qzeros``, ``scales`` and
+    ``g_idx``, undoing the v1 off-by-one of the zeros for ``checkpoint_format`` "gptq"."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    scales, g_idx = tensors["scales"], tensors["g_idx"].long()
+    groups, out_features = scales.shape
+    offset = 2 ** (bits - 1)  # unpack_from_int32 returns signed values
+    codes = unpack_from_int32(tensors["qweight"], bits, torch.Size((len(g_idx), out_features)), packed_dim=0)
+    zeros = unpack_from_int32(tensors["qzeros"], bits, torch.Size((groups, out_features)), packed_dim=1)
+    zeros = zeros.to(torch.float32) + offset + (1 if checkpoint_format == "gptq" else 0)
+    scale = scales.to(torch.float32)[g_idx]
+    return (scale * (codes.to(torch.float32) + offset - zeros[g_idx])).T.contiguous()
+
+
 def _pack(values: Tensor, bits: int, dim: int) -> Tensor:
     """Unsigned ``bits``-bit values packed densely into int32 words along ``dim``: value k of
     every run of 32 occupies bits [bits*k, bits*(k+1)) of that run's little-endian words, which is

@@ -106,7 +106,14 @@ def test_v1_refuses_zero_points_it_would_misstore_and_v2_stores_them(make_llama,
     assert zeros[0, 0] == 0 and torch.equal(zeros.T, report.records["model.layers.0.mlp.up_proj"].zero.long())
 
 
-def test_saved_gptq_folder_is_not_mistaken_for_a_dense_model(make_llama, token_batches, tmp_path):
-    _, output = export(make_llama, token_batches, tmp_path)
-    with pytest.raises(compquant.CompquantError, match="GPTQ checkpoint.*--format compressed-tensors"):
-        compquant.load_model(str(output))
+@pytest.mark.parametrize("format", ["gptq", "gptq-v2"])
+def test_compquant_loads_a_gptq_checkpoint_de_quantized(make_llama, tiny_tokenizer, token_batches, tmp_path, format):
+    model = make_llama(tie=True)
+    config = QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 32}, solver_options={"act_order": True})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16))
+    output = compquant.save_quantized(model, tiny_tokenizer, tmp_path / "out", config=config, report=report,
+                                      format=format)
+    reloaded = compquant.load_model(str(output)).model
+    ids = token_batches(2, 16, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
