@@ -113,3 +113,15 @@ def test_sharded_with_an_index_and_written_in_the_asked_dtype(make_llama, token_
     assert reloaded.lm_head.weight.dtype == torch.float16
     ids = token_batches(2, 16, seed=9)
     torch.testing.assert_close(logits(reloaded, ids).float(), logits(model, ids), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_only_rotations_export_everywhere(make_llama, token_batches, tmp_path):
+    model = make_llama(tie=True)
+    config = QuantConfig(solver="gptq", grid={"bits": 4, "group_size": 32, "sym": True}, transforms=["quarot"],
+                         transform_options={"quarot": {"r4": False}})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16))
+    output = compquant.save_quantized(model, None, tmp_path / "out", config=config, report=report,
+                                      format="compressed-tensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()  # R1 and R2 live in the weights
+    ids = token_batches(2, 16, seed=9)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-3, atol=1e-3)
