@@ -5,6 +5,8 @@
     config = compquant.QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 128})
     report = compquant.quantize(loaded.model, config, tokenizer=loaded.tokenizer)
     print(compquant.perplexity(loaded.model, loaded.tokenizer, seqlen=512, limit=32))
+    print(compquant.zero_shot(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100).table())
+    compquant.save_quantized(loaded.model, loaded.tokenizer, "smol-w3", config=config, report=report)
 
 Solvers, transforms and architecture adapters are plugins; see `compquant.core.plugin_manager`.
 """
@@ -25,6 +27,7 @@ from .core.solver import LayerResult, Solver, SolverOptions
 from .core.statistics import LayerStatistics, Statistic
 from .core.transform import Transform, TransformContext, TransformOptions
 from .evaluation.perplexity import PerplexityResult, perplexity
+from .evaluation.zeroshot import ZeroShotResult, zero_shot
 from .models.loading import load_model
 
 __version__ = "0.1.0"
@@ -49,6 +52,7 @@ __all__ = [
     "SolverOptions",
     "Statistic",
     "Transform",
+    "ZeroShotResult",
     "TransformContext",
     "TransformOptions",
     "attach_input_op",
@@ -60,4 +64,5 @@ __all__ = [
     "quantize_layer",
     "save_quantized",
     "solve_columns",
+    "zero_shot",
 ]
