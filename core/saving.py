@@ -152,8 +152,11 @@ def _move_into_place(staging: Path, output: Path, *, overwrite: bool) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
+    """fsync every file (each made an ordinary file readable as the umask allows: some writers,
+    safetensors among them, create private files) and the folder itself."""
     for path in folder.rglob("*"):
         if path.is_file():
+            os.chmod(path, 0o666 & ~_umask())
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
     descriptor = os.open(folder, os.O_RDONLY)

@@ -24,6 +24,7 @@ def test_saved_model_reloads_with_the_same_logits(make_llama, tiny_tokenizer, to
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
     assert output.stat().st_mode & 0o055  # readable by others, as a folder made with mkdir would be
+    assert all(path.stat().st_mode & 0o044 for path in output.iterdir())  # and so is every file in it
 
 
 def test_output_equal_to_or_inside_the_input_is_refused(tmp_path):
