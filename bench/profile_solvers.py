@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--solvers", default="gptq,gptaq,rescomp")
+    parser.add_argument("--sequential", default="groups", choices=["groups", "blocks"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = compquant.load_model("smollm2-135m")
@@ -52,7 +53,7 @@ def main() -> None:
     windows = calibration_windows(loaded.tokenizer, "wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                   data_dir=args.data_dir)
     print(f"SmolLM2-135M, first {args.blocks} blocks, {args.nsamples} x {args.seqlen} calibration tokens, "
-          f"W3 g128 asym, {args.threads} thread(s)")
+          f"W3 g128 asym, sequential {args.sequential}, {args.threads} thread(s)")
     with torch.inference_mode():
         started = time.perf_counter()
         for batch in windows.split(8):
@@ -63,7 +64,8 @@ def main() -> None:
     print(header)
     for solver in args.solvers.split(","):
         config = compquant.QuantConfig(solver=solver, grid={"bits": 3, "group_size": 128},
-                                       calibration={"nsamples": args.nsamples, "seqlen": args.seqlen})
+                                       calibration={"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                    "sequential": args.sequential})
         quantized = copy.deepcopy(model)
         profiler = cProfile.Profile()
         started = time.perf_counter()
