@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .adapter import ArchitectureAdapter
 from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
+from .memory import return_freed_memory
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport, QuantReport
@@ -139,6 +140,7 @@ def calibrate(
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
             store.release(prefix, block, records)
+            return_freed_memory()
     report.seconds = time.perf_counter() - started
     return report
 

@@ -1,0 +1,158 @@
+"""llm-compressor's side of `bench/vs_llmcompressor.py`: its `GPTQModifier` through `oneshot`, on
+the CPU, from the same full-precision folder and the same calibration token ids as compquant's side.
+
+llm-compressor pins older torch and transformers than compquant uses, so this file runs in its own
+virtual environment (built by `vs_llmcompressor.py`) and imports only llmcompressor, transformers,
+torch, datasets and the standard library, never compquant.
+
+    <venv>/bin/python bench/peer_llmcompressor.py --model-dir FP --calibration TOKENS.pt --bits 4 \\
+        --group-size 64 --percdamp 0.01 --blocksize 128 --batch-size 8 --threads 2 \\
+        --output OUT --result OUT.json
+
+Writes the quantized model to ``--output`` (compressed-tensors format, moved into place only when
+complete) and, last, ``--result``: quantization wall time, peak RSS and versions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "accelerate")
+
+
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident set size. The peak is Linux's VmHWM,
+    not ru_maxrss: the latter carries over the parent's RSS at fork across exec, so a child of a
+    big process would report the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def versions() -> dict[str, str]:
+    return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED}}
+
+
+def recipe(args: argparse.Namespace):
+    """GPTQ with compquant's settings: asymmetric integer groups, static act order (groups fixed
+    from the original weights in column order, columns visited by decreasing diag(H)); every Linear
+    of the decoder layers, lm_head left alone as compquant leaves it."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    weights = {
+        "num_bits": args.bits,
+        "type": "int",
+        "symmetric": False,
+        "strategy": "group",
+        "group_size": args.group_size,
+        "actorder": "static",
+    }
+    return GPTQModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        ignore=["lm_head"],
+        block_size=args.blocksize,
+        dampening_frac=args.percdamp,
+        actorder="static",
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, help="full-precision model folder (save_pretrained)")
+    parser.add_argument("--calibration", required=True, help="torch.save'd (nsamples, seqlen) int64 token ids")
+    parser.add_argument("--bits", type=int, required=True)
+    parser.add_argument("--group-size", type=int, required=True)
+    parser.add_argument("--percdamp", type=float, required=True)
+    parser.add_argument("--blocksize", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--output", required=True, help="folder for the quantized model (must not exist)")
+    parser.add_argument("--result", required=True, help="JSON file for time, memory and versions")
+    parser.add_argument("--sequential-targets", default=None,
+                        help="comma-separated module classes or names that end a calibration subgraph (default: "
+                             "llm-compressor's choice, the decoder layer); 'Linear' makes it true-sequential, "
+                             "every linear calibrated on the outputs of the already quantized ones, as compquant is")
+    parser.add_argument("--save-decompressed", action="store_true",
+                        help="save dense fake-quantized weights instead of the compressed-tensors packing")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = Path(args.output)
+    if output.exists():
+        print(f"output {output} already exists; remove it or choose another", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    tokens = torch.load(args.calibration)
+    nsamples, seqlen = tokens.shape
+    # The windows are complete sequences of equal length: every token is attended, no padding.
+    dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    loaded = time.perf_counter()
+    rss_loaded = rss_mib("VmRSS")
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=recipe(args),
+        num_calibration_samples=nsamples,
+        max_seq_length=seqlen,
+        batch_size=args.batch_size,
+        shuffle_calibration_samples=False,  # same windows in the same order as compquant's side
+        pipeline="sequential",
+        sequential_targets=args.sequential_targets.split(",") if args.sequential_targets else None,
+    )
+    quantized = time.perf_counter()
+    peak_after_quantize = rss_mib()
+    layers = sorted(name for name, module in model.named_modules()
+                    if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        model.save_pretrained(staging, save_compressed=not args.save_decompressed)
+        tokenizer.save_pretrained(staging)
+        os.chmod(staging, 0o755)
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = {
+        "tool": "llmcompressor",
+        "quantize_seconds": quantized - loaded,
+        "load_seconds": loaded - started,
+        "process_seconds": time.perf_counter() - started,
+        "peak_rss_mib": peak_after_quantize,
+        "rss_before_quantize_mib": rss_loaded,
+        "peak_rss_mib_with_save": rss_mib(),
+        "quantized_layers": len(layers),
+        "saved_compressed": not args.save_decompressed,
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+    }
+    Path(args.result).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
