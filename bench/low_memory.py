@@ -40,9 +40,13 @@ def make_model(folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    import compquant
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES), dtype=torch.float32)
     model.save_pretrained(folder, max_shard_size="1GB")
+    # a tokenizer makes it an ordinary model folder; calibration here is random token ids below 32000
+    compquant.load_model("smollm2-135m").tokenizer.save_pretrained(folder)
 
 
 def main() -> None:
