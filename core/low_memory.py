@@ -60,6 +60,7 @@ def quantize_low_memory(
         for name in weights.names():  # everything outside the blocks, one tensor at a time
             if not name.startswith(store.block_prefix):
                 export.writer.add(export.exporter.convert({name: weights.get(name)}, {}, export.dtype))
+                export.writer.flush()
         export.writer.finish()
         write_config(model, staging, export.dtype)
         export.exporter.annotate(staging, report.records)
@@ -86,3 +87,4 @@ class _BlockExport:
                               f"{problem}")
         state = {f"{prefix}.{name}": tensor.cpu() for name, tensor in block.state_dict().items()}
         self.writer.add(self.exporter.convert(state, records, self.dtype))
+        self.writer.flush()  # on disk now: memory never holds more than this block's export

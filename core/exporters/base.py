@@ -124,6 +124,11 @@ class ShardWriter:
             self.pending_bytes += size
             self.total_bytes += size
 
+    def flush(self) -> None:
+        """Write what is pending as a shard now (low-memory mode ends a shard with every block)."""
+        if self.pending:
+            self._flush()
+
     def _flush(self) -> None:
         save_file(self.pending, str(self.folder / f"shard-{len(self.shards):05d}.partial"), metadata={"format": "pt"})
         self.shards.append(list(self.pending))

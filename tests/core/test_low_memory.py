@@ -21,14 +21,15 @@ def sharded_model(make_llama, tiny_tokenizer, tmp_path):
 class WeightsInMemory:
     """Records, at every quantized linear, which blocks and outside modules hold real weights."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, folder):
+        self.model, self.folder = model, folder
         self.seen = []
 
     @compquant.hookimpl
     def compquant_after_layer(self, name, layer, result, report):
         loaded = [i for i, block in enumerate(self.model.model.layers) if not block.mlp.up_proj.weight.is_meta]
-        self.seen.append((loaded, self.model.model.embed_tokens.weight.is_meta))
+        shards_on_disk = len(list(self.folder.glob(".streamed.*/shard-*")))
+        self.seen.append((loaded, self.model.model.embed_tokens.weight.is_meta, shards_on_disk))
 
 
 @pytest.mark.parametrize("format", ["fake", "compressed-tensors"])
@@ -41,12 +42,13 @@ def test_block_by_block_equals_the_in_memory_run(sharded_model, token_batches, t
                              format=format)
 
     skeleton = compquant.load_model(str(sharded_model), low_memory=True)
-    watch = WeightsInMemory(skeleton.model)
+    watch = WeightsInMemory(skeleton.model, tmp_path)
     pm = create_plugin_manager()
     pm.register(watch)
     quantize_low_memory(skeleton.model, skeleton.weights, config, tmp_path / "streamed", tokenizer=skeleton.tokenizer,
-                        calibration=calibration, format=format, plugin_manager=pm, max_shard_size="60KB")
-    assert watch.seen == [([0], True)] * 7 + [([1], True)] * 7  # one block, and no embeddings, at a time
+                        calibration=calibration, format=format, plugin_manager=pm, max_shard_size="5GB")
+    # one block, and no embeddings, in memory at a time; each finished block is on disk, not buffered
+    assert watch.seen == [([0], True, 0)] * 7 + [([1], True, 1)] * 7
 
     resident = load_file(tmp_path / "resident" / "model.safetensors")
     streamed = {}
