@@ -94,11 +94,16 @@ def inverse_hessian_factor(hessian: Tensor, percdamp: float, *, max_tries: int =
     """
     mean_diag = torch.mean(torch.diag(hessian)).item()
     damp = percdamp * mean_diag
-    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(max_tries):
-        chol, info = torch.linalg.cholesky_ex(hessian + damp * identity)
+        damped = hessian.clone()  # one n x n work matrix at a time: n is 11008 for Llama-2-7B's down_proj
+        damped.diagonal().add_(damp)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(upper).all():
                 return upper
         new_damp = max(damp * 10, 1e-6 * mean_diag, torch.finfo(hessian.dtype).tiny)
