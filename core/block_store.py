@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,8 +36,10 @@ class ResidentBlocks:
     def load(self, prefix: str, block: nn.Module) -> None:
         block.to(self.device)
 
-    def release(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> None:
+    def release(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:
+        """Put the block back; return the records to keep (all of them: the export comes later)."""
         block.to(self.home)
+        return records
 
 
 class SafetensorsWeights:
@@ -111,6 +114,9 @@ class StreamedBlocks:
     def load(self, prefix: str, block: nn.Module) -> None:
         materialize(block, f"{prefix}.", self.weights, self.device, self.dtype)
 
-    def release(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> None:
+    def release(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:
+        """Export the block, empty it, and return its records without their codes (on disk now;
+        a record's grid settings and shapes are all the export still needs)."""
         self.finished(prefix, block, records)
         empty(block)
+        return {name: replace(record, codes=record.codes[:0]) for name, record in records.items()}

@@ -139,7 +139,7 @@ def calibrate(
                                       stream.hidden if stream else None, fp_stream.hidden if fp_stream else None)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
-            store.release(prefix, block, records)
+            report.records.update(store.release(prefix, block, records))
             return_freed_memory()
     report.seconds = time.perf_counter() - started
     return report

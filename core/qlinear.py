@@ -46,7 +46,7 @@ class QuantizedLinear:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return self.scale.shape[0], self.g_idx.shape[0]
 
     @property
     def groups_in_order(self) -> bool:

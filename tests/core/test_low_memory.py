@@ -45,10 +45,11 @@ def test_block_by_block_equals_the_in_memory_run(sharded_model, token_batches, t
     watch = WeightsInMemory(skeleton.model, tmp_path)
     pm = create_plugin_manager()
     pm.register(watch)
-    quantize_low_memory(skeleton.model, skeleton.weights, config, tmp_path / "streamed", tokenizer=skeleton.tokenizer,
+    report = quantize_low_memory(skeleton.model, skeleton.weights, config, tmp_path / "streamed", tokenizer=skeleton.tokenizer,
                         calibration=calibration, format=format, plugin_manager=pm, max_shard_size="5GB")
     # one block, and no embeddings, in memory at a time; each finished block is on disk, not buffered
     assert watch.seen == [([0], True, 0)] * 7 + [([1], True, 1)] * 7
+    assert all(record.codes.numel() == 0 for record in report.records.values())  # written, not kept
 
     resident = load_file(tmp_path / "resident" / "model.safetensors")
     streamed = {}
