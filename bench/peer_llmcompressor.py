@@ -3,7 +3,8 @@ the CPU, from the same full-precision folder and the same calibration token ids 
 
 llm-compressor pins older torch and transformers than compquant uses, so this file runs in its own
 virtual environment (built by `vs_llmcompressor.py`) and imports only llmcompressor, transformers,
-torch, datasets and the standard library, never compquant.
+torch, datasets, the standard library and `process_memory.py` beside it (standard library only),
+never compquant.
 
     <venv>/bin/python bench/peer_llmcompressor.py --model-dir FP --calibration TOKENS.pt --bits 4 \\
         --group-size 64 --percdamp 0.01 --blocksize 128 --batch-size 8 --threads 2 \\
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -26,21 +26,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from process_memory import rss_mib  # bench/process_memory.py, beside this script
+
 VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "accelerate")
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set size. The peak is Linux's VmHWM,
-    not ru_maxrss: the latter carries over the parent's RSS at fork across exec, so a child of a
-    big process would report the parent's size."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def versions() -> dict[str, str]:

@@ -33,13 +33,14 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+from process_memory import rss_mib  # bench/process_memory.py, beside this script
 
 import torch
 
@@ -180,20 +181,6 @@ def quantize_command(tool: str, args: argparse.Namespace, python: Path, fp: Path
     if tool in PAIRS:
         return [sys.executable, str(Path(__file__).resolve()), "_quantize-compquant", *common, *TOOLS[tool]]
     return [str(python), str(PEER_SCRIPT), *common, *TOOLS[tool]]
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident set size. The peak is Linux's VmHWM,
-    not ru_maxrss: the latter carries over the parent's RSS at fork across exec, so a child of a
-    big process would report the parent's size."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def compquant_side(argv: list[str]) -> int:

@@ -58,8 +58,8 @@ class SafetensorsWeights:
             raise FileNotFoundError(f"{self.folder} holds no model.safetensors or model.safetensors.index.json; "
                                     "low-memory mode reads safetensors checkpoints only")
 
-    def names(self, prefix: str = "") -> list[str]:
-        return [name for name in self.files if name.startswith(prefix)]
+    def names(self) -> list[str]:
+        return list(self.files)
 
     def get(self, name: str) -> Tensor:
         with safe_open(self.files[name], framework="pt") as handle:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,8 @@ class Resumed:
 
 
 class BlockCheckpoint:
-    """The progress of one run in ``folder`` (created on first use, removed by `discard`)."""
+    """The progress of one run in ``folder``, created on first use; whoever saves the run's output
+    removes the folder afterwards (the CLI does)."""
 
     def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(folder).expanduser()
@@ -143,10 +143,6 @@ class BlockCheckpoint:
         _save_atomic(stream, self.folder / _stream_file(index + 1))
         write_text_atomic(self.folder / PROGRESS_FILE, json.dumps({"blocks_done": index + 1}))
         (self.folder / _stream_file(index)).unlink(missing_ok=True)
-
-    def discard(self) -> None:
-        """Remove the folder once the run's output is safely written."""
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..core.block_store import SafetensorsWeights
+from ..core.block_store import SafetensorsWeights, materialize
 from ..core.errors import ModelLoadError
 from ..core.online import restore_input_ops
 from ..core.saving import ONLINE_OPS_FILE
@@ -183,14 +183,11 @@ def _load_gptq(path: Path, section: dict[str, Any], dtype: torch.dtype) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     weights = SafetensorsWeights(path)
     linears = sorted({name.removesuffix(".qweight") for name in weights.names() if name.endswith(".qweight")})
-    packed = {f"{linear}.{part}" for linear in linears for part in ("qweight", "qzeros", "scales", "g_idx")}
     for linear in linears:
         tensors = {part: weights.get(f"{linear}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
         set_module_tensor_to_device(model, f"{linear}.weight", "cpu", dequantize_linear(tensors, bits, checkpoint_format),
                                     dtype=dtype)
-    for name in weights.names():
-        if name not in packed:
-            set_module_tensor_to_device(model, name, "cpu", weights.get(name), dtype=dtype)
+    materialize(model, "", weights, torch.device("cpu"), dtype)  # everything that is not packed
     model.tie_weights()
     empty = [name for name, parameter in model.named_parameters() if parameter.is_meta]
     if empty:
