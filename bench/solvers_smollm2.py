@@ -28,7 +28,9 @@ from compquant.core.saving import write_text_atomic
 from compquant.evaluation.datasets import calibration_windows, evaluation_tokens
 from compquant.evaluation.perplexity import perplexity_of_tokens
 
-RECIPE = {"sym": True, "clip": True, "act_order": True}
+# Which runs to do: a results file can be extended with more of them; every other setting changes the
+# runs' results and must match the file's.
+SELECTION = {"bits", "recipe_bits", "seeds", "solvers", "transforms", "out"}
 
 
 def runs(bits: list[int], seeds: list[int], recipe_bits: list[int], solvers: list[str], transforms: list[str]):
@@ -77,10 +79,14 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {"settings": vars(args), "runs": []}
-    if done["settings"] != vars(args):
-        print(f"{out} was written with other settings {done['settings']}; use another --out", file=sys.stderr)
+    settings = {key: value for key, value in vars(args).items() if key not in SELECTION}
+    done = json.loads(out.read_text()) if out.exists() else {"settings": settings, "runs": []}
+    recorded = {key: value for key, value in done["settings"].items() if key not in SELECTION}
+    if recorded != settings:
+        changed = sorted(key for key in settings.keys() | recorded.keys() if settings.get(key) != recorded.get(key))
+        print(f"{out} was written with other settings ({', '.join(changed)}); use those or another --out", file=sys.stderr)
         return 2
+    done["settings"] = settings
 
     loaded = compquant.load_model(args.model)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
@@ -134,7 +140,7 @@ def table(done: dict) -> str:
         groups.setdefault(run["label"], []).append(run)
     s = done["settings"]
     lines = [f"calibration {s['nsamples']} x {s['seqlen']} tokens of WikiText-2 validation; evaluation {s['eval_limit']} x "
-             f"{s['eval_seqlen']} tokens of WikiText-2 test; {s['threads']} thread(s); seeds {s['seeds']}",
+             f"{s['eval_seqlen']} tokens of WikiText-2 test; {s['threads']} thread(s)",
              f"{'configuration':<40} {'ppl mean':>9} {'min':>9} {'max':>9} {'n':>2} {'quantize s':>11} {'transform s':>12} {'peak MiB':>9}"]
     for label, group in groups.items():
         values = [run["perplexity"] for run in group]

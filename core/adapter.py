@@ -23,7 +23,8 @@ class ArchitectureAdapter:
     ``norms`` maps a norm inside a block to the linears it feeds; ``final_norm`` feeds ``head``.
     Rotation transforms also need ``residual_writers`` (the linears that add into the residual
     stream), ``value_output`` (the value projection and the attention output projection, rotated
-    per head) and ``mlp_output`` (the linear after the MLP's nonlinearity).
+    per head) and ``mlp_output`` (the linear after the MLP's nonlinearity); QuaRot's optional R3
+    needs ``attention``, the module that applies the rotary embedding to queries and keys.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ArchitectureAdapter:
     residual_writers: tuple[str, ...] = ()
     value_output: tuple[str, str] | None = None
     mlp_output: str | None = None
+    attention: str | None = None
     forward_kwargs: Mapping[str, Any] = field(default_factory=dict)
     model_classes: tuple[str, ...] = ()
 

@@ -1,63 +1,112 @@
-"""Operations that must run on a linear's input at inference time, attached by transforms.
+"""Operations that must run at inference time, attached by transforms.
 
-An input operation is an `InputOp`: an ``nn.Module`` mapping the input tensor to the tensor the
-linear should see, rebuildable from a small JSON description. It becomes a submodule of the linear
-and runs as a forward pre-hook, so calibration statistics, evaluation and the saved model all see the
-transformed input. `describe_input_ops` and `restore_input_ops` carry them through a save and load.
+An online operation is an `OnlineOp`: an ``nn.Module`` mapping a tensor to the tensor the model
+should use instead, rebuildable from a small JSON description. It runs at one of three sites:
+
+- ``input``: the input of a linear (a forward pre-hook), e.g. QuaRot's R4 in front of ``down_proj``;
+- ``query`` / ``key``: an attention module's query / key states after the rotary embedding, e.g.
+  QuaRot's R3. These go through compressed-tensors' hooked attention, which runs the key op before
+  the KV cache stores the keys, so a cache quantizer sees the transformed keys.
+
+The op becomes a submodule of the module it is attached to, so calibration statistics, evaluation
+and the saved model all see it. `describe_online_ops` and `restore_online_ops` carry them through a
+save and load.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-ATTRIBUTE = "compquant_input_ops"
+Site = Literal["input", "query", "key"]
+SITES: tuple[Site, ...] = ("input", "query", "key")
 
 
-class InputOp(nn.Module):
-    """Base of every online input operation. Subclasses take JSON-serialisable keyword arguments
-    and return them from `init_kwargs`, so the op can be rebuilt after loading."""
+class OnlineOp(nn.Module):
+    """Base of every online operation. Subclasses take JSON-serialisable keyword arguments and return
+    them from `init_kwargs`, so the op can be rebuilt after loading."""
 
     def init_kwargs(self) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must say how to rebuild it (init_kwargs)")
 
 
-def attach_input_op(linear: nn.Module, op: InputOp) -> None:
+def _container(module: nn.Module, site: Site) -> nn.Sequential | None:
+    return getattr(module, f"compquant_{site}_ops", None)
+
+
+def _check(op: nn.Module) -> None:
+    if not isinstance(op, OnlineOp):
+        raise TypeError(f"online ops must subclass compquant.core.online.OnlineOp, got {type(op).__name__}")
+
+
+def attach_input_op(linear: nn.Module, op: OnlineOp) -> None:
     """Run ``op`` on every input of ``linear`` before ``linear`` itself, after earlier ops."""
-    if not isinstance(op, InputOp):
-        raise TypeError(f"input ops must subclass compquant.core.online.InputOp, got {type(op).__name__}")
-    if not hasattr(linear, ATTRIBUTE):
-        linear.add_module(ATTRIBUTE, nn.Sequential())
+    _check(op)
+    if _container(linear, "input") is None:
+        linear.add_module("compquant_input_ops", nn.Sequential())
         linear.register_forward_pre_hook(_apply_input_ops)
-    getattr(linear, ATTRIBUTE).append(op)
+    _container(linear, "input").append(op)
 
 
-def input_ops(linear: nn.Module) -> list[nn.Module]:
-    """The operations attached to ``linear``, in the order they run."""
-    return list(getattr(linear, ATTRIBUTE, ()))
+def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, site: Literal["query", "key"]) -> None:
+    """Run ``op`` on ``attention``'s post-RoPE query or key states (``site``), after earlier ops.
+
+    ``model`` is the transformers model that owns ``attention``: its attention implementation is
+    switched to compressed-tensors' hooked one, which calls the original implementation. The switch
+    is model-wide, so every attention module of the same class is prepared for it.
+    """
+    from compressed_tensors.modeling import initialize_hooked_attention, register_key_hook, register_query_hook
+
+    _check(op)
+    if site not in ("query", "key"):
+        raise ValueError(f"attention ops run on 'query' or 'key' states, not {site!r}")
+    if not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"query/key ops need a transformers model (one with set_attn_implementation), got {type(model).__name__}")
+    if _container(attention, site) is None:
+        attention.add_module(f"compquant_{site}_ops", nn.Sequential())
+        for module in model.modules():
+            if type(module) is type(attention):
+                initialize_hooked_attention(model, module)
+        register = register_query_hook if site == "query" else register_key_hook
+        register(attention, lambda module, states: _container(module, site)(states))
+    _container(attention, site).append(op)
 
 
-def describe_input_ops(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
-    """{linear path: [{"class": "module:Class", "kwargs": {...}}, ...]} for every attached op."""
-    return {
-        name: [{"class": f"{type(op).__module__}:{type(op).__qualname__}", "kwargs": op.init_kwargs()} for op in ops]
-        for name, module in model.named_modules()
-        if (ops := input_ops(module))
-    }
+def online_ops(module: nn.Module, site: Site = "input") -> list[nn.Module]:
+    """The operations attached to ``module`` at ``site``, in the order they run."""
+    return list(_container(module, site) or ())
 
 
-def restore_input_ops(model: nn.Module, description: dict[str, list[dict[str, Any]]]) -> None:
-    """Re-attach the ops `describe_input_ops` recorded. Only `InputOp` subclasses are accepted."""
-    for name, ops in description.items():
-        linear = model.get_submodule(name)
-        for spec in ops:
+def describe_online_ops(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
+    """{module path: [{"site": ..., "class": "module:Class", "kwargs": {...}}, ...]} for every attached op."""
+    description = {}
+    for name, module in model.named_modules():
+        specs = [
+            {"site": site, "class": f"{type(op).__module__}:{type(op).__qualname__}", "kwargs": op.init_kwargs()}
+            for site in SITES
+            for op in online_ops(module, site)
+        ]
+        if specs:
+            description[name] = specs
+    return description
+
+
+def restore_online_ops(model: nn.Module, description: dict[str, list[dict[str, Any]]]) -> None:
+    """Re-attach the ops `describe_online_ops` recorded. Only `OnlineOp` subclasses are built."""
+    for name, specs in description.items():
+        module = model.get_submodule(name)
+        for spec in specs:
             module_name, _, class_name = spec["class"].partition(":")
             cls = getattr(importlib.import_module(module_name), class_name, None)
-            if not (isinstance(cls, type) and issubclass(cls, InputOp)):
-                raise TypeError(f"{spec['class']} recorded for {name} is not a compquant InputOp; refusing to build it")
-            attach_input_op(linear, cls(**spec["kwargs"]))
+            if not (isinstance(cls, type) and issubclass(cls, OnlineOp)):
+                raise TypeError(f"{spec['class']} recorded for {name} is not a compquant OnlineOp; refusing to build it")
+            site = spec.get("site", "input")
+            if site == "input":
+                attach_input_op(module, cls(**spec["kwargs"]))
+            else:
+                attach_attention_op(model, module, cls(**spec["kwargs"]), site)
 
 
 def _apply_input_ops(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return (getattr(module, ATTRIBUTE)(args[0]), *args[1:])
+    return (_container(module, "input")(args[0]), *args[1:])

@@ -20,7 +20,7 @@ import torch
 from .config import QuantConfig
 from .errors import OutputPathError
 from .exporters import ExportJob, choose_exporter, write_export
-from .online import describe_input_ops
+from .online import describe_online_ops
 from .report import QuantReport
 
 CONFIG_FILE = "compquant.json"
@@ -92,7 +92,7 @@ def save_quantized(
     at all; with ``overwrite`` an earlier compquant output there is replaced only once the new one
     is complete."""
     output = check_output(output, source, overwrite=overwrite)
-    online = describe_input_ops(model)
+    online = describe_online_ops(model)
     job = ExportJob(model, report.records, online, dtype, max_shard_size)
     exporter = choose_exporter(format, job)
     with staged_output(output, overwrite=overwrite) as staging:

@@ -24,6 +24,7 @@ LLAMA = ArchitectureAdapter(
     residual_writers=("self_attn.o_proj", "mlp.down_proj"),
     value_output=("self_attn.v_proj", "self_attn.o_proj"),
     mlp_output="mlp.down_proj",
+    attention="self_attn",
     forward_kwargs={"use_cache": False},
 )
 

@@ -15,7 +15,7 @@ import torch
 
 from ..core.block_store import SafetensorsWeights, materialize
 from ..core.errors import ModelLoadError
-from ..core.online import restore_input_ops
+from ..core.online import restore_online_ops
 from ..core.saving import ONLINE_OPS_FILE
 
 log = logging.getLogger(__name__)
@@ -132,8 +132,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     online = path / ONLINE_OPS_FILE
     if online.is_file():
-        restore_input_ops(model, json.loads(online.read_text()))
-        log.info("re-attached the online input operations recorded in %s", online)
+        restore_online_ops(model, json.loads(online.read_text()))
+        log.info("re-attached the online operations recorded in %s", online)
     return LoadedModel(model, tokenizer, str(path))
 
 

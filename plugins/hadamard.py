@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.online import InputOp
+from ..core.online import OnlineOp
 
 
 class HadamardSizeError(ValueError):
@@ -117,7 +117,7 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
     return (q * torch.sign(torch.diagonal(r))).to(dtype)
 
 
-class OnlineHadamard(InputOp):
+class OnlineHadamard(OnlineOp):
     """``x ↦ x · H_nᵀ`` (= x·H for symmetric H) on the last dimension, through the Kronecker factors
     (K×K and 2^m×2^m matmuls), so no n×n matrix is stored. Attached in front of a linear whose weight
     took ``W · Hᵀ`` offline."""

@@ -5,7 +5,9 @@ In order: untie a tied head, fold each RMSNorm's scale into the linears that rea
 become scale-free and so rotation-invariant), rotate the residual stream by R1 (embedding, every
 reader and writer of the residual, the head), rotate each attention head's value/output pair by R2
 (per head, fully offline, as SpinQuant places it), and put an online Hadamard R4 in front of the
-MLP's output projection (its weight takes the matching rotation). All edits run in float64.
+MLP's output projection (its weight takes the matching rotation). Optionally (``r3``) an online
+Hadamard R3 turns every head's query and key after RoPE, for users who go on to quantize the KV
+cache: q·kᵀ is unchanged, and the cache stores the rotated keys. All edits run in float64.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..core.adapter import ArchitectureAdapter
-from ..core.online import attach_input_op
+from ..core.online import attach_attention_op, attach_input_op
 from ..core.plugin_manager import hookimpl
 from ..core.transform import Transform, TransformContext, TransformOptions
 from .hadamard import HadamardSizeError, OnlineHadamard, hadamard, random_hadamard, random_orthogonal
@@ -30,6 +32,7 @@ class QuaRotOptions(TransformOptions):
     fallback_random: bool = Field(False, description="use a random orthogonal R1/R2 where no Hadamard of the size exists")
     r2: bool = Field(True, description="rotate each head's value/output pair")
     r4: bool = Field(True, description="online Hadamard in front of the MLP output projection")
+    r3: bool = Field(False, description="online Hadamard on post-RoPE queries and keys (for KV-cache quantization)")
 
 
 class QuaRot(Transform):
@@ -45,6 +48,8 @@ class QuaRot(Transform):
             rotate_heads(model, adapter, [rotation_matrix(head_dim, options, generator) for _ in adapter.block_list(model)])
         if options.r4:
             rotate_mlp_output(model, adapter)
+        if options.r3:
+            rotate_query_key(model, adapter)
 
 
 def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) -> Tensor:
@@ -137,6 +142,19 @@ def rotate_mlp_output(model: nn.Module, adapter: ArchitectureAdapter) -> None:
         linear = block.get_submodule(adapter.mlp_output)
         _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
         attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
+
+
+def rotate_query_key(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Online Hadamard on each head's query and key after RoPE (R3). Both turn by the same H, so the
+    attention scores q·kᵀ are unchanged; the key op runs before the KV cache stores the keys."""
+    if adapter.attention is None:
+        raise ValueError(f"adapter {adapter.name!r} does not name its attention module; disable r3")
+    head_dim = attention_head_dim(model)
+    for block in adapter.block_list(model):
+        attention = block.get_submodule(adapter.attention)
+        device = next(attention.parameters()).device
+        for site in ("query", "key"):
+            attach_attention_op(model, attention, OnlineHadamard(head_dim).to(device), site)
 
 
 def attention_head_dim(model: nn.Module) -> int:

@@ -5,7 +5,8 @@ The model is prepared as for QuaRot (untied head, norms folded, fixed online Had
 the MLP output projection). R1 and R2 start from random Hadamards and are trained by Cayley SGD on the
 ordinary causal-LM loss of the rotated network whose linears are fake-quantized by RTN on the run's
 grid (straight-through gradients); every weight stays frozen. The learned rotations are then folded
-into the weights exactly as QuaRot's are, so the function is preserved whatever was learned.
+into the weights exactly as QuaRot's are, so the function is preserved whatever was learned. QuaRot's
+online R3 on queries and keys is an option here too (``r3``); it changes neither training nor weights.
 
 Learned rotations are saved, keyed by a fingerprint of the model, the calibration data, the grid and
 the options, in ``$COMPQUANT_CACHE_DIR`` (default ``~/.cache/compquant``) or at ``rotations``; a second
@@ -31,7 +32,7 @@ from ..core.quantizer import Grid
 from ..core.transform import Transform, TransformContext, TransformOptions
 from .cayley import CayleySGD
 from .hadamard import random_hadamard
-from .quarot import attention_head_dim, prepare_for_rotation, rotate_heads, rotate_mlp_output, rotate_residual
+from .quarot import attention_head_dim, prepare_for_rotation, rotate_heads, rotate_mlp_output, rotate_query_key, rotate_residual
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class SpinQuantOptions(TransformOptions):
     batch_size: int = Field(8, ge=1, description="calibration sequences per step (paper: 8 GPUs x 1)")
     rotations: Path | None = Field(None, description="file to load learned rotations from, or to save them to")
     reuse: bool = Field(True, description="load previously learned rotations for identical inputs")
+    r3: bool = Field(False, description="online Hadamard on post-RoPE queries and keys (for KV-cache quantization)")
 
 
 class SpinQuant(Transform):
@@ -65,6 +67,8 @@ class SpinQuant(Transform):
             log.info("saved learned rotations to %s", path)
         rotate_residual(model, adapter, r1)
         rotate_heads(model, adapter, list(r2))
+        if options.r3:
+            rotate_query_key(model, adapter)
 
 
 def learn_rotations(
@@ -140,7 +144,7 @@ def _cache_path(model: nn.Module, context: TransformContext, grid: Grid, options
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     digest.update(context.calibration.cpu().numpy().tobytes())
-    settings = {"grid": grid.__dict__, "seed": context.seed, **options.model_dump(mode="json", exclude={"rotations", "reuse"})}
+    settings = {"grid": grid.__dict__, "seed": context.seed, **options.model_dump(mode="json", exclude={"rotations", "reuse", "r3"})}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     folder = Path(os.environ.get("COMPQUANT_CACHE_DIR", Path.home() / ".cache" / "compquant")) / "spinquant"
     return folder / f"{digest.hexdigest()[:32]}.safetensors"

@@ -75,15 +75,15 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def online_ops_problem(job: ExportJob, format_name: str) -> str | None:
-    """The reason a plain checkpoint cannot hold a model with online input operations."""
+    """The reason a plain checkpoint cannot hold a model with online operations."""
     if not job.online_ops:
         return None
     where = ", ".join(sorted(job.online_ops)[:3]) + (" ..." if len(job.online_ops) > 3 else "")
     return (
-        f"the model has online input operations (e.g. QuaRot's R4 Hadamard in front of {where}) that a {format_name} "
+        f"the model has online operations (QuaRot's R4 or R3 Hadamards, at {where}) that a {format_name} "
         "checkpoint cannot express and its consumers would not run; export with --format fake (compquant.load_model "
         "re-attaches them), or quantize a fused-only variant without online rotations "
-        "(transform_options: {quarot: {r4: false}})"
+        "(transform_options: {quarot: {r4: false, r3: false}})"
     )
 
 

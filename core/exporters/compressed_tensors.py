@@ -3,7 +3,7 @@ through ``CompressedTensorsConfig``. The packing and the config section are the 
 
 What the format cannot express is refused: groups out of column order (compressed-tensors 0.20
 removed the group index of dynamic act-order; static groups are fine), a last group narrower
-than the group size, and online input operations.
+than the group size, and online operations.
 
 Loading in transformers: symmetric checkpoints load with plain ``from_pretrained``. Asymmetric
 ones are written as the format specifies (zero points packed along the output dimension), but

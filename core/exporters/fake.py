@@ -1,5 +1,5 @@
 """The fake-quantized model: every quantized weight stored de-quantized, in the model's own
-layout, for research use. It expresses every run; online input operations are recorded beside
+layout, for research use. It expresses every run; online operations are recorded beside
 it (see `compquant.core.saving`) and re-attached by `compquant.load_model`."""
 from __future__ import annotations
 

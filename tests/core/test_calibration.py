@@ -8,7 +8,7 @@ from torch import nn
 
 import compquant
 from compquant import ArchitectureAdapter, QuantConfig, Statistic
-from compquant.core.online import InputOp, attach_input_op, input_ops
+from compquant.core.online import OnlineOp, attach_input_op, online_ops
 from compquant.core.plugin_manager import create_plugin_manager
 from compquant.plugins.gptq import GPTQ
 
@@ -117,7 +117,7 @@ def test_a_block_whose_quantized_output_overflows_stops_the_run_with_its_name(ma
         compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(2, 8))
 
 
-class Scale(InputOp):
+class Scale(OnlineOp):
     def __init__(self, factor: float):
         super().__init__()
         self.register_buffer("factor", torch.tensor(factor))
@@ -157,7 +157,7 @@ def test_transform_runs_before_calibration_and_its_online_op_is_seen_everywhere(
     config = QuantConfig(solver="recording-gptq", transforms=["scale-o"], grid={"bits": 8, "group_size": -1})
     compquant.quantize(model, config, calibration=ids, plugin_manager=pm)
     o_proj = model.model.layers[0].self_attn.o_proj
-    assert [type(op) for op in input_ops(o_proj)] == [Scale]
+    assert [type(op) for op in online_ops(o_proj)] == [Scale]
     expected = inputs_of_every_linear(model, ids, ["model.layers.0.self_attn.o_proj"])
     torch.testing.assert_close(solver.hessians[1].double(), expected["model.layers.0.self_attn.o_proj"], rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # 8-bit weights: the scaled model still computes nearly the original function

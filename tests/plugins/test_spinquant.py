@@ -2,10 +2,12 @@ import torch
 
 import compquant
 from compquant import QuantConfig
+from compquant.core.online import online_ops
 from compquant.core.quantizer import Grid
 from compquant.core.transform import TransformContext
 from compquant.models.llama import LLAMA
 from compquant.plugins import spinquant
+from compquant.plugins.hadamard import OnlineHadamard
 from compquant.plugins.spinquant import SpinQuant
 
 
@@ -21,8 +23,9 @@ def test_spinquant_learns_rotations_that_preserve_the_function(make_llama, token
     reference = logits(model, ids)
     transform = SpinQuant()
     context = TransformContext(calibration=token_batches(8, 16), grid=Grid(bits=3, group_size=32))
-    transform.apply(model, LLAMA, transform.options({"steps": 5, "batch_size": 2}), context)
+    transform.apply(model, LLAMA, transform.options({"steps": 5, "batch_size": 2, "r3": True}), context)
     assert (logits(model, ids) - reference).norm() / reference.norm() < 1e-4
+    assert [type(op) for op in online_ops(model.model.layers[0].self_attn, "key")] == [OnlineHadamard]
     (saved,) = (tmp_path / "spinquant").glob("*.safetensors")
     from safetensors.torch import load_file
 
@@ -63,10 +66,10 @@ def test_second_run_reuses_the_learned_rotations(make_llama, token_batches, tmp_
     real = spinquant.learn_rotations
     monkeypatch.setattr(spinquant, "learn_rotations", lambda *a, **k: calls.append(1) or real(*a, **k))
     calibration = token_batches(4, 16)
-    config = QuantConfig(solver="rtn", transforms=["spinquant"], transform_options={"spinquant": {"steps": 3, "batch_size": 2}},
-                         grid={"bits": 4, "group_size": 32})
     results = []
-    for _ in range(2):
+    for r3 in (False, True):  # R3 changes neither training nor weights, so it does not retrain
+        config = QuantConfig(solver="rtn", transforms=["spinquant"], grid={"bits": 4, "group_size": 32},
+                             transform_options={"spinquant": {"steps": 3, "batch_size": 2, "r3": r3}})
         model = make_llama()
         compquant.quantize(model, config, calibration=calibration)
         results.append(logits(model, calibration))

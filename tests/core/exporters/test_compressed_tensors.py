@@ -86,7 +86,7 @@ def test_what_the_format_cannot_express_is_refused_with_the_way_out(make_llama, 
         quantize_and_export(make_llama, token_batches, tmp_path, options={"act_order": True})
     with pytest.raises(ExportError, match="not a multiple of the group size 48"):
         quantize_and_export(make_llama, token_batches, tmp_path, group_size=48)
-    with pytest.raises(ExportError, match="online input operations.*--format fake.*r4: false"):
+    with pytest.raises(ExportError, match="online operations.*--format fake.*r4: false, r3: false"):
         quantize_and_export(make_llama, token_batches, tmp_path, solver="rtn", transforms=["quarot"])
     assert list(tmp_path.iterdir()) == []
 
