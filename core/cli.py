@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int,
                           help="windows (default 1), images (default 256) or task requests (default 8) per forward pass")
     evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
+    evaluate.add_argument("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                          help="a transform option, e.g. quarot.r3=true")
     evaluate.add_argument("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of any random transform")
@@ -124,6 +126,8 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--clip", action="store_true", default=None, help="MSE clipping search")
     add("--act-order", action="store_true", default=None, help="quantize columns by decreasing Hessian diagonal")
     add("--transform", action="append", help="transform applied before calibration (repeatable)")
+    add("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+        help="a transform option, e.g. quarot.r3=true")
     add("--adapter", help="architecture adapter (default: detected)")
     add("--calib", help="calibration dataset (default wikitext2)")
     add("--nsamples", type=int, help="calibration windows")
@@ -171,11 +175,30 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
         if value is not None:
             target[key] = value
     for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
-        solver_options[key.replace("-", "_")] = yaml.safe_load(value)
+        key, value = _key_value("--option", "KEY=VALUE", item)
+        solver_options[key] = value
+    for name, options in transform_options(args.transform_option).items():
+        data.setdefault("transform_options", {}).setdefault(name, {}).update(options)
     return QuantConfig.model_validate(data)
+
+
+def _key_value(flag: str, form: str, item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} takes {form}, got {item!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+def transform_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["quarot.r3=true", ...]`` as ``{"quarot": {"r3": True}, ...}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, value = _key_value("--transform-option", "NAME.KEY=VALUE", item)
+        name, dot, option = key.partition(".")
+        if not dot or not option:
+            raise ValueError(f"--transform-option takes NAME.KEY=VALUE (e.g. quarot.r3=true), got {item!r}")
+        options.setdefault(name, {})[option] = value
+    return options
 
 
 # -------------------------------------------------------------------------------------- commands
@@ -231,8 +254,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..models.loading import load_model
 
     registry = registry_for(None)
-    for name in args.transform:  # fail on a bad name before loading the model
-        registry.transform(name)
+    options = transform_options(args.transform_option)
+    if unknown := sorted(options.keys() - set(args.transform)):
+        raise ValueError(f"--transform-option names {unknown}, not among the --transform given ({args.transform})")
+    for name in args.transform:  # fail on a bad name or option before loading the model
+        registry.transform(name).options(options.get(name))
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     if tasks:  # likewise on a task without a local copy, a missing data file, or no lm-eval
         check_tasks(tasks, data_dir(args.data_dir))
@@ -240,8 +266,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
     if args.transform:
-        apply_transforms(model, args.transform, registry, registry.adapter_for(model), TransformContext(seed=args.seed))
-    record: dict[str, Any] = {"model": loaded.source, "transforms": args.transform}
+        apply_transforms(model, args.transform, registry, registry.adapter_for(model), TransformContext(seed=args.seed),
+                         options)
+    record: dict[str, Any] = {"model": loaded.source, "transforms": args.transform, "transform_options": options}
     if loaded.is_vision:
         from ..evaluation.images import top1_accuracy
 

@@ -34,9 +34,11 @@ def test_config_file_is_overridden_by_options(model_dir, data_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("solver: rtn\ngrid:\n  bits: 8\n  group_size: -1\n")
     output = tmp_path / "out"
-    assert main(["quantize", str(model_dir), "--config", str(config), "--bits", "4", "-o", str(output), "-q"]) == 0
+    assert main(["quantize", str(model_dir), "--config", str(config), "--bits", "4", "-o", str(output), "-q",
+                 "--transform", "quarot", "--transform-option", "quarot.r3=true", "--transform-option", "quarot.r2=false"]) == 0
     saved = json.loads((output / "compquant.json").read_text())
     assert saved["solver"] == "rtn" and saved["grid"] == {**saved["grid"], "bits": 4, "group_size": -1}
+    assert saved["transform_options"] == {"quarot": {"r3": True, "r2": False}}
 
 
 @pytest.mark.parametrize(
@@ -46,6 +48,9 @@ def test_config_file_is_overridden_by_options(model_dir, data_dir, tmp_path):
         (["--bits", "1"], "grid.bits"),
         (["--group-size", "0"], "group_size must be a positive number"),
         (["--option", "percdamp=-1"], "percdamp"),
+        (["--transform", "quarot", "--transform-option", "r3=true"], "NAME.KEY=VALUE (e.g. quarot.r3=true)"),
+        (["--transform", "quarot", "--transform-option", "quarot.r5=true"], "r5"),
+        (["--transform-option", "quarot.r3=true"], "transform_options given for ['quarot'], which are not in transforms"),
     ],
 )
 def test_bad_inputs_are_clear_errors_and_write_nothing(model_dir, data_dir, tmp_path, capsys, change, message):
@@ -96,3 +101,12 @@ def test_eval_with_quarot_shows_the_rotation_preserves_perplexity(model_dir, dat
                      "--json", str(path), "-q", *transforms]) == 0
         results[len(transforms)] = json.loads(path.read_text())["perplexity"]
     assert abs(results[2] - results[0]) / results[0] < 1e-3
+
+
+def test_eval_takes_transform_options(model_dir, data_dir, tmp_path, capsys):
+    path = tmp_path / "r3.json"
+    assert main(["eval", str(model_dir), "--seqlen", "16", "--limit", "2", "--data-dir", str(data_dir), "--json", str(path),
+                 "-q", "--transform", "quarot", "--transform-option", "quarot.r3=true"]) == 0
+    assert json.loads(path.read_text())["transform_options"] == {"quarot": {"r3": True}}
+    assert main(["eval", str(model_dir), "--transform-option", "spinquant.r3=true", "-q"]) == 2
+    assert "names ['spinquant'], not among the --transform given" in capsys.readouterr().err
