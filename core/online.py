@@ -15,6 +15,7 @@ save and load.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, si
     switched to compressed-tensors' hooked one, which calls the original implementation. The switch
     is model-wide, so every attention module of the same class is prepared for it.
     """
-    from compressed_tensors.modeling import initialize_hooked_attention, register_key_hook, register_query_hook
+    from compressed_tensors.modeling import IMPL_ATTR, KV_CACHE_ATTR, initialize_hooked_attention
 
     _check(op)
     if site not in ("query", "key"):
@@ -64,13 +65,30 @@ def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, si
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"query/key ops need a transformers model (one with set_attn_implementation), got {type(model).__name__}")
     if _container(attention, site) is None:
-        attention.add_module(f"compquant_{site}_ops", nn.Sequential())
         for module in model.modules():
             if type(module) is type(attention):
                 initialize_hooked_attention(model, module)
-        register = register_query_hook if site == "query" else register_key_hook
-        register(attention, lambda module, states: _container(module, site)(states))
+        ops = _StateOps("query" if site == "query" else "key_states")
+        attention.add_module(f"compquant_{site}_ops", ops)
+        hooked = getattr(attention, IMPL_ATTR if site == "query" else KV_CACHE_ATTR)
+        hooked.register_forward_pre_hook(ops.replace_states, with_kwargs=True)
     _container(attention, site).append(op)
+
+
+class _StateOps(nn.Sequential):
+    """The ops of one query or key site. Its hook is a method of this module, not a closure, so a
+    deep copy of the model runs the copy's ops (a closure would keep calling the original's)."""
+
+    def __init__(self, argument: str) -> None:
+        super().__init__()
+        self.argument = argument
+
+    def replace_states(self, hooked: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of compressed-tensors' hooked attention or KV cache: transform the
+        query or key states it is about to use."""
+        bound = inspect.signature(hooked.forward).bind(*args, **kwargs)
+        bound.arguments[self.argument] = self(bound.arguments[self.argument])
+        return bound.args, bound.kwargs
 
 
 def online_ops(module: nn.Module, site: Site = "input") -> list[nn.Module]:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,16 @@ def test_attention_ops_need_a_transformers_model_and_a_known_site(make_llama):
         attach_attention_op(model, attention, Reverse(), "value")
     with pytest.raises(TypeError, match="need a transformers model"):
         attach_attention_op(nn.Sequential(attention), attention, Reverse(), "query")
+
+
+def test_a_deep_copy_runs_its_own_attention_ops(make_llama, token_batches):
+    model = make_llama()
+    for layer in model.model.layers:
+        attach_attention_op(model, layer.self_attn, Reverse(), "key")
+    copied = copy.deepcopy(model)
+    for layer in copied.model.layers:
+        attach_attention_op(copied, layer.self_attn, Reverse(), "key")  # reverses twice: the plain keys
+    ids = token_batches(1, 10, seed=6)
+    reference = make_llama()
+    torch.testing.assert_close(cached_keys(copied, ids)[1], cached_keys(reference, ids)[1])
+    torch.testing.assert_close(cached_keys(model, ids)[1], cached_keys(reference, ids)[1].flip(-1))
