@@ -32,8 +32,12 @@ class OnlineOp(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must say how to rebuild it (init_kwargs)")
 
 
+def _container_name(site: Site) -> str:
+    return f"compquant_{site}_ops"
+
+
 def _container(module: nn.Module, site: Site) -> nn.Sequential | None:
-    return getattr(module, f"compquant_{site}_ops", None)
+    return getattr(module, _container_name(site), None)
 
 
 def _check(op: nn.Module) -> None:
@@ -45,7 +49,7 @@ def attach_input_op(linear: nn.Module, op: OnlineOp) -> None:
     """Run ``op`` on every input of ``linear`` before ``linear`` itself, after earlier ops."""
     _check(op)
     if _container(linear, "input") is None:
-        linear.add_module("compquant_input_ops", nn.Sequential())
+        linear.add_module(_container_name("input"), nn.Sequential())
         linear.register_forward_pre_hook(_apply_input_ops)
     _container(linear, "input").append(op)
 
@@ -59,8 +63,10 @@ def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, si
     """
     from compressed_tensors.modeling import IMPL_ATTR, KV_CACHE_ATTR, initialize_hooked_attention
 
+    # site: (the hooked submodule compressed-tensors adds to the attention, its argument holding the states)
+    hooked_argument = {"query": (IMPL_ATTR, "query"), "key": (KV_CACHE_ATTR, "key_states")}
     _check(op)
-    if site not in ("query", "key"):
+    if site not in hooked_argument:
         raise ValueError(f"attention ops run on 'query' or 'key' states, not {site!r}")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"query/key ops need a transformers model (one with set_attn_implementation), got {type(model).__name__}")
@@ -68,10 +74,10 @@ def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, si
         for module in model.modules():
             if type(module) is type(attention):
                 initialize_hooked_attention(model, module)
-        ops = _StateOps("query" if site == "query" else "key_states")
-        attention.add_module(f"compquant_{site}_ops", ops)
-        hooked = getattr(attention, IMPL_ATTR if site == "query" else KV_CACHE_ATTR)
-        hooked.register_forward_pre_hook(ops.replace_states, with_kwargs=True)
+        hooked, argument = hooked_argument[site]
+        ops = _StateOps(argument)
+        attention.add_module(_container_name(site), ops)
+        getattr(attention, hooked).register_forward_pre_hook(ops.replace_states, with_kwargs=True)
     _container(attention, site).append(op)
 
 
