@@ -245,7 +245,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .pipeline import apply_transforms, registry_for, resolve_device
+    from .pipeline import apply_transforms, check_transforms, registry_for, resolve_device
     from .saving import write_text_atomic
     from .transform import TransformContext
     from ..evaluation.datasets import data_dir
@@ -255,10 +255,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     registry = registry_for(None)
     options = transform_options(args.transform_option)
-    if unknown := sorted(options.keys() - set(args.transform)):
-        raise ValueError(f"--transform-option names {unknown}, not among the --transform given ({args.transform})")
-    for name in args.transform:  # fail on a bad name or option before loading the model
-        registry.transform(name).options(options.get(name))
+    check_transforms(args.transform, options, registry)  # fail on a bad name or option before loading the model
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     if tasks:  # likewise on a task without a local copy, a missing data file, or no lm-eval
         check_tasks(tasks, data_dir(args.data_dir))

@@ -41,11 +41,17 @@ def check_plugins(config: QuantConfig, registry: PluginRegistry) -> None:
     """Resolve the solver and transform names in ``config`` and validate their options, so that a bad
     name or option fails before a model is loaded."""
     registry.solver(config.solver).options(config.solver_options)
-    for name in config.transforms:
-        registry.transform(name).options(config.transform_options.get(name))
-    unused = set(config.transform_options) - set(config.transforms)
+    check_transforms(config.transforms, config.transform_options, registry)
+
+
+def check_transforms(names: Sequence[str], options: dict[str, dict[str, Any]], registry: PluginRegistry) -> None:
+    """Resolve every transform name and validate its options; options for a transform not named
+    are an error too (most likely a typo)."""
+    for name in names:
+        registry.transform(name).options(options.get(name))
+    unused = set(options) - set(names)
     if unused:
-        raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {config.transforms}")
+        raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {list(names)}")
 
 
 def apply_transforms(

@@ -109,4 +109,4 @@ def test_eval_takes_transform_options(model_dir, data_dir, tmp_path, capsys):
                  "-q", "--transform", "quarot", "--transform-option", "quarot.r3=true"]) == 0
     assert json.loads(path.read_text())["transform_options"] == {"quarot": {"r3": True}}
     assert main(["eval", str(model_dir), "--transform-option", "spinquant.r3=true", "-q"]) == 2
-    assert "names ['spinquant'], not among the --transform given" in capsys.readouterr().err
+    assert "transform_options given for ['spinquant'], which are not in transforms []" in capsys.readouterr().err
