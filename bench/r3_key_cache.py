@@ -64,22 +64,21 @@ def main() -> None:
                      {"quarot": {"r3": True}})
 
     def perplexity(model, bits: int | None) -> float:
-        model = copy.deepcopy(model)
-        if bits is not None:
+        if bits is not None:  # a copy with quantized keys; the model itself stays as it is
+            model = copy.deepcopy(model)
             for layer in model.model.layers:
                 attach_attention_op(model, layer.self_attn, FakeQuantizeKeys(bits), "key")
         return perplexity_of_tokens(model, tokens, dataset="wikitext2", seqlen=args.seqlen, limit=args.limit).perplexity
 
-    rows = [{"keys": "full precision", "without R3": perplexity(plain, None), "with R3": perplexity(rotated, None)}]
-    for bits in (int(b) for b in args.bits.split(",")):
-        rows.append({"keys": f"{bits}-bit", "without R3": perplexity(plain, bits), "with R3": perplexity(rotated, bits)})
+    print(f"{'keys':>15}  {'without R3':>10} {'with R3':>10}")
+    rows = []
+    for bits in [None, *(int(b) for b in args.bits.split(","))]:
+        rows.append({"keys": "full precision" if bits is None else f"{bits}-bit",
+                     "without R3": perplexity(plain, bits), "with R3": perplexity(rotated, bits)})
         print(f"{rows[-1]['keys']:>15}: {rows[-1]['without R3']:10.3f} {rows[-1]['with R3']:10.3f}", flush=True)
     result = {"model": loaded.source, "evaluation": f"{args.limit} windows x {args.seqlen} tokens of WikiText-2 test",
               "key grid": "asymmetric min-max, one per token and head", "rows": rows}
     write_text_atomic(Path(args.out), json.dumps(result, indent=2))
-    print(f"{'keys':>15}  {'without R3':>10} {'with R3':>10}")
-    for row in rows:
-        print(f"{row['keys']:>15}: {row['without R3']:10.3f} {row['with R3']:10.3f}")
 
 
 if __name__ == "__main__":
