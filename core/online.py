@@ -78,7 +78,43 @@ def attach_attention_op(model: nn.Module, attention: nn.Module, op: OnlineOp, si
         ops = _StateOps(argument)
         attention.add_module(_container_name(site), ops)
         getattr(attention, hooked).register_forward_pre_hook(ops.replace_states, with_kwargs=True)
+        if site == "key":
+            attention.register_forward_pre_hook(_route_cache_through_hooked_cache, with_kwargs=True)
     _container(attention, site).append(op)
+
+
+#: The names transformers has given the attention forward's KV-cache argument, newest first.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def _route_cache_through_hooked_cache(attention: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of an attention module with a key site: hand it compressed-tensors' hooked
+    KV cache under the argument name its forward really takes, wrapping the model's own cache.
+
+    compressed-tensors 0.20.1 passes its hooked cache as ``past_key_values`` or ``past_key_value``;
+    transformers 5.24 renamed the argument ``cache``, so the hooked cache went unused, the key op
+    never ran and R3 silently turned queries only. This hook works with every name: it takes the
+    model's cache from whichever alias carries it, drops the aliases, and passes the hooked cache
+    under the forward's own name.
+    """
+    from compressed_tensors.modeling import KV_CACHE_ATTR
+
+    hooked = getattr(attention, KV_CACHE_ATTR)
+    accepted = inspect.signature(attention.forward).parameters
+    name = next((candidate for candidate in CACHE_ARGUMENTS if candidate in accepted), None)
+    if name is None:
+        raise TypeError(f"{type(attention).__name__}.forward takes none of {CACHE_ARGUMENTS}; a key op cannot reach its "
+                        "KV cache. This transformers version is not supported: see the versions the README names")
+    if len(args) > list(accepted).index(name):
+        raise TypeError(f"{type(attention).__name__} received its KV cache by position; key ops need it by name")
+    given = [kwargs.pop(alias) for alias in CACHE_ARGUMENTS if alias in kwargs]
+    caches = [value for value in given if value is not None and value is not hooked]
+    if caches:
+        hooked.add_past_key_values(caches[0])
+    elif not any(value is hooked for value in given):  # else compressed-tensors already wrapped the cache
+        hooked.add_past_key_values(None)
+    kwargs[name] = hooked
+    return args, kwargs
 
 
 class _StateOps(nn.Sequential):
