@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
     evaluate.add_argument("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
                           help="a transform option, e.g. quarot.r3=true")
+    _transform_check_options(evaluate)
     evaluate.add_argument("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of any random transform")
@@ -128,6 +129,7 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--transform", action="append", help="transform applied before calibration (repeatable)")
     add("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
         help="a transform option, e.g. quarot.r3=true")
+    _transform_check_options(parser)
     add("--adapter", help="architecture adapter (default: detected)")
     add("--calib", help="calibration dataset (default wikitext2)")
     add("--nsamples", type=int, help="calibration windows")
@@ -140,6 +142,13 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
     add("--seed", type=int, help="calibration sampling seed")
     add("--stats-dtype", choices=["float32", "float64"], help="dtype of statistics and solves")
+
+
+def _transform_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transform-tolerance", type=float,
+                        help="largest relative logits change a transform may cause (default by dtype: 1e-3 for float32)")
+    parser.add_argument("--no-transform-check", dest="transform_check", action="store_false", default=None,
+                        help="do not compare the logits before and after the transforms")
 
 
 def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] | None = None) -> QuantConfig:
@@ -159,6 +168,8 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
         (data, "seed", args.seed),
         (data, "data_dir", args.data_dir),
         (data, "stats_dtype", args.stats_dtype),
+        (data, "transform_check", args.transform_check),
+        (data, "transform_tolerance", args.transform_tolerance),
         (data, "output", getattr(args, "output", None)),
         (grid, "bits", args.bits),
         (grid, "group_size", args.group_size),
@@ -264,7 +275,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     model = loaded.model.to(device).eval()
     if args.transform:
         apply_transforms(model, args.transform, registry, registry.adapter_for(model), TransformContext(seed=args.seed),
-                         options)
+                         options, check=args.transform_check is not False, tolerance=args.transform_tolerance)
     record: dict[str, Any] = {"model": loaded.source, "transforms": args.transform, "transform_options": options}
     if loaded.is_vision:
         from ..evaluation.images import top1_accuracy

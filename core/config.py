@@ -68,6 +68,14 @@ class QuantConfig(_Strict):
     solver_options: dict[str, Any] = Field(default_factory=dict, description="the solver's own options")
     transforms: list[str] = Field(default_factory=list, description="transforms applied in order before calibration")
     transform_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options per transform name")
+    transform_check: bool = Field(
+        True, description="after each transform, compare the logits of one calibration window with those before the "
+        "transforms and stop when they moved more than transform_tolerance",
+    )
+    transform_tolerance: float | None = Field(
+        None, gt=0, description="largest relative logits change a transform may cause; default by the model's dtype "
+        "(1e-3 for float32/float64, 5e-2 for 16-bit)",
+    )
     grid: GridConfig = Field(default_factory=GridConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     seed: int = Field(0, description="seed of the calibration sampling and of any random transform")

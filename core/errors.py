@@ -27,3 +27,7 @@ class OutputPathError(CompquantError):
 
 class ModelLoadError(CompquantError):
     """A model specification that names no loadable model."""
+
+
+class FunctionChangedError(CompquantError):
+    """A transform that should keep the model's function changed its outputs beyond rounding."""

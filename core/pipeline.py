@@ -15,6 +15,7 @@ from .calibration import CalibrationPlan, calibrate
 from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
 from .config import QuantConfig
+from .function_check import FunctionCheck
 from .plugin_manager import build_registry, default_plugin_manager, default_registry
 from .registry import PluginRegistry
 from .report import QuantReport
@@ -61,12 +62,23 @@ def apply_transforms(
     adapter: ArchitectureAdapter,
     context: TransformContext,
     options: dict[str, dict[str, Any]] | None = None,
+    *,
+    check: bool = True,
+    tolerance: float | None = None,
 ) -> None:
-    """Run the named transforms on ``model`` in order, each with its options from ``options``."""
+    """Run the named transforms on ``model`` in order, each with its options from ``options``. With
+    ``check``, the model's logits on one probe window are compared after each transform with those
+    from before (see `compquant.core.function_check`), and a transform that moved them more than
+    ``tolerance`` stops the run with a `FunctionChangedError` naming it."""
+    if not names:
+        return
+    function = FunctionCheck.start(model, adapter, context.calibration, tolerance) if check else None
     for name in names:
         log.info("applying transform %s", name)
         transform = registry.transform(name)
         transform.apply(model, adapter, transform.options((options or {}).get(name)), context)
+        if function is not None:
+            function.verify(model, name)
 
 
 def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
@@ -118,7 +130,8 @@ def quantize(
         checkpoint = BlockCheckpoint(resume_dir, run_fingerprint(model, batches, settings))
         checkpoint.blocks_done()  # a checkpoint of another run fails here, before any work
     context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
-    apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options)
+    apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options,
+                     check=config.transform_check, tolerance=config.transform_tolerance)
     pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
     report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint,
                        store=block_store)
