@@ -8,27 +8,38 @@
     print(compquant.zero_shot(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100).table())
     compquant.save_quantized(loaded.model, loaded.tokenizer, "smol-w3", config=config, report=report)
 
-Solvers, transforms and architecture adapters are plugins; see `compquant.core.plugin_manager`.
+Solvers, transforms, architecture adapters, exporters and datasets are plugins (docs/plugins.md).
+The layers import one way: `compquant.core` at the bottom, then `plugins` and `models`, then
+`evaluation`, then the modules here (`api`, `cli`, `builtins`).
 """
 from __future__ import annotations
 
-from .core.adapter import ArchitectureAdapter
-from .core.columns import ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
-from .core.config import CalibrationConfig, GridConfig, QuantConfig
-from .core.errors import CompquantError
-from .core.layer import quantize_layer
-from .core.online import attach_input_op
-from .core.pipeline import quantize
-from .core.plugin_manager import create_plugin_manager, hookimpl
-from .core.quantizer import Grid, QuantParams
-from .core.report import LayerReport, QuantReport
-from .core.saving import save_quantized
-from .core.solver import LayerResult, Solver, SolverOptions
-from .core.statistics import LayerStatistics, Statistic
-from .core.transform import Transform, TransformContext, TransformOptions
-from .evaluation.perplexity import PerplexityResult, perplexity
-from .evaluation.zeroshot import ZeroShotResult, zero_shot
-from .models.loading import load_model
+# Absolute imports: pytest (9.2 and 8.0) imports this file on its own when it collects the repository
+# root, which is the package, from a folder whose name is no identifier (a CI clone, say).
+from compquant.api import quantize
+from compquant.builtins import BUILTIN_PLUGINS
+from compquant.core.adapter import ArchitectureAdapter
+from compquant.core.columns import ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from compquant.core.config import CalibrationConfig, GridConfig, QuantConfig
+from compquant.core.dataset import Dataset, ImageDataset, TextDataset
+from compquant.core.errors import CompquantError
+from compquant.core.exporters import Exporter, ExportJob
+from compquant.core.layer import quantize_layer
+from compquant.core.online import OnlineOp, attach_attention_op, attach_input_op
+from compquant.core.plugin_manager import create_plugin_manager, hookimpl, use_builtin_plugins
+from compquant.core.qlinear import QuantizedLinear
+from compquant.core.quantizer import Grid, QuantParams
+from compquant.core.report import LayerReport, QuantReport
+from compquant.core.saving import save_quantized
+from compquant.core.solver import LayerResult, Solver, SolverOptions
+from compquant.core.statistics import LayerStatistics, Statistic
+from compquant.core.transform import Transform, TransformContext, TransformOptions
+from compquant.evaluation.perplexity import PerplexityResult, perplexity
+from compquant.evaluation.zeroshot import ZeroShotResult, zero_shot
+from compquant.models.loading import load_model
+
+# The core names no plugin: the package hands it its own (no registry is built before first use).
+use_builtin_plugins(BUILTIN_PLUGINS)
 
 __version__ = "0.1.0"
 
@@ -38,23 +49,31 @@ __all__ = [
     "ColumnOptions",
     "CompensationTerm",
     "CompquantError",
+    "Dataset",
+    "ExportJob",
+    "Exporter",
     "Grid",
     "GridConfig",
+    "ImageDataset",
     "LayerReport",
     "LayerResult",
     "LayerStatistics",
+    "OnlineOp",
     "PerplexityResult",
     "PreparedProblem",
     "QuantConfig",
     "QuantParams",
     "QuantReport",
+    "QuantizedLinear",
     "Solver",
     "SolverOptions",
     "Statistic",
+    "TextDataset",
     "Transform",
-    "ZeroShotResult",
     "TransformContext",
     "TransformOptions",
+    "ZeroShotResult",
+    "attach_attention_op",
     "attach_input_op",
     "create_plugin_manager",
     "hookimpl",

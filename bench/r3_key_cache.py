@@ -20,7 +20,8 @@ from torch import Tensor
 
 import compquant
 from compquant.core.online import OnlineOp, attach_attention_op
-from compquant.core.pipeline import apply_transforms, registry_for
+from compquant.core.pipeline import apply_transforms
+from compquant.core.plugin_manager import registry_for
 from compquant.core.quantizer import Grid
 from compquant.core.saving import write_text_atomic
 from compquant.core.transform import TransformContext

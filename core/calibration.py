@@ -124,7 +124,8 @@ def calibrate(
                     report.layers.append(layer_report)
                     report.records[layer_report.name] = QuantizedLinear.from_result(result, plan.grid)
                     if hook is not None:
-                        hook.compquant_after_layer(name=layer_report.name, layer=layer, result=result, report=layer_report)
+                        hook.compquant_after_layer(name=layer_report.name, layer=layer, result=result,
+                                                   layer_report=layer_report, report=report)
                 del stats
             if stream is not None:
                 stream.hidden = _run_block(block, stream)

@@ -17,6 +17,10 @@ class PluginConflictError(CompquantError):
     """Two plugins registered the same name for the same kind."""
 
 
+class UnknownHookError(CompquantError):
+    """A plugin implements a hook that compquant does not specify (most likely a misspelt name)."""
+
+
 class DataNotFoundError(CompquantError, FileNotFoundError):
     """A dataset could be found neither in the local data directory nor through the hub loader."""
 

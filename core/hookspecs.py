@@ -1,7 +1,7 @@
 """Every hook compquant calls, grouped by the phase of a run in which it is called.
 
 A plugin implements any of them with ``@compquant.hookimpl`` and is loaded either as a built-in
-(``compquant.core.plugin_manager.DEFAULT_PLUGINS``) or from the entry-point group ``compquant``.
+(`compquant.builtins`) or from the entry-point group ``compquant``. docs/plugins.md is the guide.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
     from .adapter import ArchitectureAdapter
     from .config import QuantConfig
+    from .dataset import Dataset
+    from .exporters.base import Exporter
     from .registry import Register
     from .report import LayerReport, QuantReport
     from .solver import LayerResult, Solver
@@ -23,22 +25,34 @@ hookspec = pluggy.HookspecMarker("compquant")
 
 
 # ------------------------------------------------------------------------------------ registration
+# Called once each when a registry is built. Call ``register(name, obj)`` for every object of the
+# kind the plugin provides; a name registered twice is an error naming both plugins.
 @hookspec
 def compquant_register_solvers(register: Register[Solver]) -> None:
-    """Called once when the registry is built. Call ``register(name, solver)`` for each solver the
-    plugin provides; ``solver`` is a `compquant.Solver` instance."""
+    """Register solvers (`compquant.Solver` instances): one linear's weight and statistics in,
+    quantized weights out."""
 
 
 @hookspec
 def compquant_register_transforms(register: Register[Transform]) -> None:
-    """Called once when the registry is built. Call ``register(name, transform)`` for each
-    function-preserving model transform (`compquant.Transform`) the plugin provides."""
+    """Register function-preserving model transforms (`compquant.Transform` instances)."""
 
 
 @hookspec
 def compquant_register_adapters(register: Register[ArchitectureAdapter]) -> None:
-    """Called once when the registry is built. Call ``register(name, adapter)`` for each
-    architecture adapter (`compquant.ArchitectureAdapter`) the plugin provides."""
+    """Register architecture adapters (`compquant.ArchitectureAdapter` instances)."""
+
+
+@hookspec
+def compquant_register_exporters(register: Register[Exporter]) -> None:
+    """Register checkpoint formats (`compquant.Exporter` instances); the name is what
+    ``--format`` takes."""
+
+
+@hookspec
+def compquant_register_datasets(register: Register[Dataset]) -> None:
+    """Register calibration and evaluation data (`compquant.TextDataset` or
+    `compquant.ImageDataset` instances); the name is what ``--calib`` and ``--ppl`` take."""
 
 
 # ------------------------------------------------------------------------------ before calibration
@@ -48,18 +62,21 @@ def compquant_before_calibration(model: nn.Module, adapter: ArchitectureAdapter,
     model may still be changed here, as long as its function is preserved."""
 
 
+# ----------------------------------------------------------------------------------------- per layer
+@hookspec
+def compquant_after_layer(
+    name: str, layer: nn.Module, result: LayerResult, layer_report: LayerReport, report: QuantReport
+) -> None:
+    """Called after a linear's weight was replaced by its quantized version. ``name`` is the
+    linear's path in the model, ``result`` the solver's codes and grids, ``layer_report`` its
+    error and time, ``report`` the run's report so far (this layer included)."""
+
+
 # ----------------------------------------------------------------------------------------- per block
 @hookspec
 def compquant_after_block(index: int, block: nn.Module, report: QuantReport) -> None:
     """Called after every linear of block ``index`` was quantized and the calibration inputs were
-    propagated through it. ``report`` holds the layer reports so far."""
-
-
-# ----------------------------------------------------------------------------------------- per layer
-@hookspec
-def compquant_after_layer(name: str, layer: nn.Module, result: LayerResult, report: LayerReport) -> None:
-    """Called after a linear's weight was replaced by its quantized version. ``name`` is the
-    linear's path in the model, ``result`` the solver's codes and grids, ``report`` its error."""
+    propagated through it. ``report`` is the run's report so far."""
 
 
 # ------------------------------------------------------------------------------- after calibration

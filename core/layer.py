@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .config import GridConfig
-from .pipeline import registry_for
+from .plugin_manager import registry_for
 from .solver import LayerResult
 from .statistics import Statistic, StatisticsAccumulator
 
@@ -37,7 +37,7 @@ def quantize_layer(
     """
     grid_values = {key: options.pop(key) for key in GRID_OPTIONS if key in options}
     grid = GridConfig(bits=bits, group_size=group_size, sym=sym, **grid_values).grid()
-    chosen = registry_for(plugin_manager).solver(solver)
+    chosen = registry_for(plugin_manager).get("solver", solver)
     solver_options = chosen.options(options)
     wanted = chosen.statistics(solver_options)
     stats = None

@@ -12,6 +12,7 @@ Transforms (which rewrite every block together) and resuming are not available i
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,9 @@ from .block_store import SafetensorsWeights, StreamedBlocks
 from .config import QuantConfig
 from .exporters import ExportError, Exporter, ExportJob, ShardWriter, choose_exporter, write_config
 from .pipeline import quantize, resolve_device
+from .plugin_manager import registry_for
 from .qlinear import QuantizedLinear
+from .registry import PluginRegistry
 from .report import QuantReport
 from .saving import check_output, staged_output, write_metadata
 
@@ -37,15 +40,16 @@ def quantize_low_memory(
     output: str | Path,
     *,
     tokenizer: Any | None = None,
-    calibration: Tensor | None = None,
+    calibration: Tensor | Sequence[Tensor] | None = None,
     format: str = "auto",
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     plugin_manager: pluggy.PluginManager | None = None,
 ) -> QuantReport:
-    """Quantize the skeleton ``model`` whose tensors lie in ``weights`` and write it to ``output``
-    in ``format``, block by block (see the module docstring). Returns the report."""
+    """Quantize the skeleton ``model`` whose tensors lie in ``weights`` with ``calibration`` and
+    write it to ``output`` in ``format``, block by block (see the module docstring); ``tokenizer``
+    is saved beside it. Returns the report."""
     if config.transforms:
         raise ValueError(f"transforms {config.transforms} rewrite every block at once, which low-memory mode cannot "
                          "do; drop --low-memory (the model must then fit in memory) or the transforms")
@@ -53,10 +57,10 @@ def quantize_low_memory(
                           needed_bytes=int(sum(f.stat().st_size for f in set(weights.files.values())) * 1.1))
     compute_dtype = next(model.parameters()).dtype
     with staged_output(output, overwrite=overwrite) as staging:
-        export = _BlockExport(model, format, dtype or compute_dtype, ShardWriter(staging, max_shard_size))
+        export = _BlockExport(model, format, dtype or compute_dtype, ShardWriter(staging, max_shard_size),
+                              registry_for(plugin_manager))
         store = StreamedBlocks(weights, resolve_device(config.device), compute_dtype, export.block)
-        report = quantize(model, config, calibration=calibration, tokenizer=tokenizer,
-                          plugin_manager=plugin_manager, block_store=store)
+        report = quantize(model, config, calibration=calibration, plugin_manager=plugin_manager, block_store=store)
         for name in weights.names():  # everything outside the blocks, one tensor at a time
             if not name.startswith(store.block_prefix):
                 export.writer.add(export.exporter.convert({name: weights.get(name)}, {}, export.dtype))
@@ -74,14 +78,15 @@ class _BlockExport:
     """Writes each finished block in the export format. The format is chosen on the first block's
     records (``auto`` needs them); every later block is checked against it."""
 
-    def __init__(self, model: nn.Module, format: str, dtype: torch.dtype, writer: ShardWriter) -> None:
-        self.model, self.format, self.dtype, self.writer = model, format, dtype, writer
+    def __init__(self, model: nn.Module, format: str, dtype: torch.dtype, writer: ShardWriter,
+                 registry: PluginRegistry) -> None:
+        self.model, self.format, self.dtype, self.writer, self.registry = model, format, dtype, writer, registry
         self.exporter: Exporter | None = None
 
     def block(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> None:
         job = ExportJob(self.model, records, dtype=self.dtype)
         if self.exporter is None:
-            self.exporter = choose_exporter(self.format, job)
+            self.exporter = choose_exporter(self.format, job, self.registry)
         elif (problem := self.exporter.unsupported(job)) is not None:
             raise ExportError(f"format {self.exporter.name!r}, chosen on the first block, cannot express {prefix}: "
                               f"{problem}")

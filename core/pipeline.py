@@ -16,7 +16,7 @@ from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
 from .config import QuantConfig
 from .function_check import FunctionCheck
-from .plugin_manager import build_registry, default_plugin_manager, default_registry
+from .plugin_manager import default_plugin_manager, registry_for
 from .registry import PluginRegistry
 from .report import QuantReport
 from .transform import TransformContext
@@ -34,14 +34,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def registry_for(plugin_manager: pluggy.PluginManager | None) -> PluginRegistry:
-    return default_registry() if plugin_manager is None else build_registry(plugin_manager)
-
-
 def check_plugins(config: QuantConfig, registry: PluginRegistry) -> None:
     """Resolve the solver and transform names in ``config`` and validate their options, so that a bad
     name or option fails before a model is loaded."""
-    registry.solver(config.solver).options(config.solver_options)
+    registry.get("solver", config.solver).options(config.solver_options)
     check_transforms(config.transforms, config.transform_options, registry)
 
 
@@ -49,7 +45,7 @@ def check_transforms(names: Sequence[str], options: dict[str, dict[str, Any]], r
     """Resolve every transform name and validate its options; options for a transform not named
     are an error too (most likely a typo)."""
     for name in names:
-        registry.transform(name).options(options.get(name))
+        registry.get("transform", name).options(options.get(name))
     unused = set(options) - set(names)
     if unused:
         raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {list(names)}")
@@ -75,7 +71,7 @@ def apply_transforms(
     function = FunctionCheck.start(model, adapter, context.calibration, tolerance) if check else None
     for name in names:
         log.info("applying transform %s", name)
-        transform = registry.transform(name)
+        transform = registry.get("transform", name)
         transform.apply(model, adapter, transform.options((options or {}).get(name)), context)
         if function is not None:
             function.verify(model, name)
@@ -84,7 +80,7 @@ def apply_transforms(
 def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
     """Resolve every name in ``config`` and validate every option, before any work is done."""
     check_plugins(config, registry)
-    solver = registry.solver(config.solver)
+    solver = registry.get("solver", config.solver)
     return CalibrationPlan(
         adapter=registry.adapter_for(model, config.adapter),
         solver_name=config.solver,
@@ -99,21 +95,29 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
     )
 
 
+def needs_calibration(config: QuantConfig, registry: PluginRegistry) -> bool:
+    """Whether a run of ``config`` needs calibration inputs: its solver asks for statistics, or a
+    transform learns from data."""
+    solver = registry.get("solver", config.solver)
+    learns = any(registry.get("transform", name).needs_calibration for name in config.transforms)
+    return learns or bool(solver.statistics(solver.options(config.solver_options)))
+
+
 def quantize(
     model: nn.Module,
     config: QuantConfig,
     *,
     calibration: Tensor | Sequence[Tensor] | None = None,
-    tokenizer: Any | None = None,
     plugin_manager: pluggy.PluginManager | None = None,
     resume_dir: str | Path | None = None,
     block_store: StreamedBlocks | None = None,
 ) -> QuantReport:
     """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``.
 
-    ``calibration`` is either a (samples, seqlen) tensor of token ids (or any batchable model
-    input), or a sequence of ready batches. Without it, language-model calibration windows are drawn
-    from ``config.calibration.dataset`` with ``tokenizer``. With ``resume_dir``, progress is kept
+    ``calibration`` is either a (samples, ...) tensor of model inputs (token ids for a language
+    model), split into batches of ``config.calibration.batch_size``, or a sequence of ready batches;
+    it may be None only when `needs_calibration` is False. (`compquant.quantize` draws it from
+    ``config.calibration.dataset`` when given a tokenizer.) With ``resume_dir``, progress is kept
     there after every block and a run killed part way continues from it (see
     `compquant.core.checkpoint`); remove the folder once the result is saved. ``block_store``
     streams the blocks of a weightless skeleton from disk (low-memory mode, see
@@ -122,8 +126,12 @@ def quantize(
     pm = plugin_manager or default_plugin_manager()
     registry = registry_for(plugin_manager)
     plan = plan_for(model, config, registry)
-    learns = any(registry.transform(name).needs_calibration for name in config.transforms)
-    batches = _batches(calibration, config, tokenizer, model, needed=bool(plan.wanted) or learns)
+    if calibration is None and needs_calibration(config, registry):
+        raise ValueError(
+            f"solver {config.solver!r} (or a transform) needs calibration data: pass calibration=<model inputs>, or call "
+            "compquant.quantize with a tokenizer so that windows are drawn from calibration.dataset"
+        )
+    batches = _batches(calibration, config) if calibration is not None else None
     checkpoint = None
     if resume_dir is not None:
         settings = config.model_dump(mode="json", exclude={"output", "data_dir", "model"})
@@ -139,37 +147,7 @@ def quantize(
     return report
 
 
-def _calibration_from_config(model: nn.Module, config: QuantConfig, tokenizer: Any | None) -> Tensor:
-    """Token windows for a language model, images for a vision model (dataset = an image folder)."""
-    cal = config.calibration
-    if tokenizer is not None:
-        from ..evaluation.datasets import calibration_windows
-
-        return calibration_windows(
-            tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed, data_dir=config.data_dir
-        )
-    if Path(cal.dataset).expanduser().is_dir():
-        from ..evaluation.images import calibration_images
-
-        return calibration_images(model, cal.dataset, nsamples=cal.nsamples, seed=config.seed)
-    raise ValueError(
-        f"solver {config.solver!r} needs calibration data: pass calibration=<inputs>, a tokenizer so that windows can "
-        f"be drawn from {cal.dataset!r}, or (vision models) set calibration.dataset to an image folder"
-    )
-
-
-def _batches(
-    calibration: Tensor | Sequence[Tensor] | None,
-    config: QuantConfig,
-    tokenizer: Any | None,
-    model: nn.Module,
-    *,
-    needed: bool,
-) -> list[Tensor] | None:
-    if calibration is None:
-        if not needed:
-            return None
-        calibration = _calibration_from_config(model, config, tokenizer)
+def _batches(calibration: Tensor | Sequence[Tensor], config: QuantConfig) -> list[Tensor]:
     if isinstance(calibration, Tensor):
         return list(calibration.split(config.calibration.batch_size))
     return list(calibration)

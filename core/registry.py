@@ -1,12 +1,19 @@
-"""The registry of solvers, transforms and adapters that plugins registered, with their provenance."""
+"""The registry of everything plugins registered, keyed by kind, with where each object came from.
+
+Adding a kind of plugin is one entry in `KINDS` (its base class) and one registration hook in
+`compquant.core.hookspecs` named ``compquant_register_<kind>s``; the registry, the plugin manager
+and ``compquant plugins`` handle every kind the same way.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .adapter import ArchitectureAdapter
+from .dataset import Dataset
 from .errors import PluginConflictError, UnknownPluginError
+from .exporters.base import Exporter
 from .solver import Solver
 from .transform import Transform
 
@@ -15,7 +22,19 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-KINDS: dict[str, type] = {"solver": Solver, "transform": Transform, "adapter": ArchitectureAdapter}
+#: Every kind of plugin object, by kind name, with the class each registered object must be.
+KINDS: dict[str, type] = {
+    "solver": Solver,
+    "transform": Transform,
+    "adapter": ArchitectureAdapter,
+    "exporter": Exporter,
+    "dataset": Dataset,
+}
+
+
+def registration_hook(kind: str) -> str:
+    """The name of the hook through which plugins register objects of ``kind``."""
+    return f"compquant_register_{kind}s"
 
 
 @dataclass(frozen=True)
@@ -30,44 +49,51 @@ class Entry(Generic[T]):
 
 
 class Register(Generic[T]):
-    """Handed to a registration hook; call it once per object the plugin provides."""
+    """Handed to a registration hook; call it once per object the plugin provides. ``origin``
+    tells, at each call, which plugin and distribution is registering."""
 
-    def __init__(self, kind: str, table: dict[str, Entry[T]], plugin: str, distribution: str) -> None:
-        self._kind, self._table, self._plugin, self._distribution = kind, table, plugin, distribution
+    def __init__(self, kind: str, registry: PluginRegistry, origin: Any) -> None:
+        self._kind, self._table, self._origin = kind, registry.table(kind), origin
 
     def __call__(self, name: str, obj: T) -> None:
+        plugin, distribution = self._origin()
         expected = KINDS[self._kind]
         if not isinstance(obj, expected):
             raise TypeError(
-                f"plugin {self._plugin!r} registered {self._kind} {name!r} as a {type(obj).__name__}; "
+                f"plugin {plugin!r} registered {self._kind} {name!r} as a {type(obj).__name__}; "
                 f"it must be an instance of compquant.{expected.__name__}"
             )
         if name in self._table:
             other = self._table[name]
             raise PluginConflictError(
                 f"{self._kind} {name!r} is registered twice: by plugin {other.plugin!r} ({other.distribution}) "
-                f"and by plugin {self._plugin!r} ({self._distribution}); uninstall or block one of them "
+                f"and by plugin {plugin!r} ({distribution}); uninstall or block one of them "
                 "(COMPQUANT_BLOCK_PLUGINS=name)"
             )
-        self._table[name] = Entry(self._kind, name, obj, self._plugin, self._distribution)
+        self._table[name] = Entry(self._kind, name, obj, plugin, distribution)
 
 
 @dataclass
 class PluginRegistry:
-    """Everything the loaded plugins registered, by kind and name."""
+    """Everything the loaded plugins registered: one table of entries per kind."""
 
-    solvers: dict[str, Entry[Solver]] = field(default_factory=dict)
-    transforms: dict[str, Entry[Transform]] = field(default_factory=dict)
-    adapters: dict[str, Entry[ArchitectureAdapter]] = field(default_factory=dict)
+    tables: dict[str, dict[str, Entry]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
 
     def table(self, kind: str) -> dict[str, Entry]:
-        return {"solver": self.solvers, "transform": self.transforms, "adapter": self.adapters}[kind]
+        """The entries of ``kind`` by name, in registration order."""
+        if kind not in self.tables:
+            raise KeyError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
+        return self.tables[kind]
+
+    def names(self, kind: str) -> list[str]:
+        return list(self.table(kind))
 
     def entries(self) -> Iterable[Entry]:
-        for kind in KINDS:
-            yield from self.table(kind).values()
+        for table in self.tables.values():
+            yield from table.values()
 
-    def get(self, kind: str, name: str):
+    def get(self, kind: str, name: str) -> Any:
+        """The object registered as ``name`` of ``kind``; an unknown name lists what is available."""
         table = self.table(kind)
         if name not in table:
             available = ", ".join(sorted(table)) or "none"
@@ -77,23 +103,15 @@ class PluginRegistry:
             )
         return table[name].obj
 
-    def solver(self, name: str) -> Solver:
-        return self.get("solver", name)
-
-    def transform(self, name: str) -> Transform:
-        return self.get("transform", name)
-
-    def adapter(self, name: str) -> ArchitectureAdapter:
-        return self.get("adapter", name)
-
     def adapter_for(self, model: nn.Module, name: str | None = None) -> ArchitectureAdapter:
         """The adapter named ``name``, or the first registered one that recognises ``model``."""
         if name is not None:
-            return self.adapter(name)
-        for entry in self.adapters.values():
+            return self.get("adapter", name)
+        for entry in self.table("adapter").values():
             if entry.obj.matches(model):
                 return entry.obj
         raise UnknownPluginError(
             f"no registered adapter recognises a {type(model).__name__}; available adapters: "
-            f"{', '.join(sorted(self.adapters)) or 'none'}. Name one with --adapter, or install a plugin for this architecture."
+            f"{', '.join(sorted(self.table('adapter'))) or 'none'}. Name one with --adapter, or install a plugin for "
+            "this architecture."
         )

@@ -15,12 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import torch
 
 from .config import QuantConfig
 from .errors import OutputPathError
 from .exporters import ExportJob, choose_exporter, write_export
 from .online import describe_online_ops
+from .plugin_manager import registry_for
 from .report import QuantReport
 
 CONFIG_FILE = "compquant.json"
@@ -84,9 +86,10 @@ def save_quantized(
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
+    plugin_manager: pluggy.PluginManager | None = None,
 ) -> Path:
-    """Export ``model`` in ``format`` (see `compquant.core.exporters`; ``auto`` picks the first of
-    compressed-tensors, GPTQ and fake-quantized that can express the run), with its tokenizer, the
+    """Export ``model`` in ``format`` (a registered exporter, see docs/formats.md; ``auto`` picks the
+    first of compressed-tensors, GPTQ and fake-quantized that can express the run), with its tokenizer, the
     resolved config, the per-layer report and any online input ops (`compquant.load_model`
     re-attaches them; plain `transformers` does not know them). The folder appears complete or not
     at all; with ``overwrite`` an earlier compquant output there is replaced only once the new one
@@ -94,7 +97,7 @@ def save_quantized(
     output = check_output(output, source, overwrite=overwrite)
     online = describe_online_ops(model)
     job = ExportJob(model, report.records, online, dtype, max_shard_size)
-    exporter = choose_exporter(format, job)
+    exporter = choose_exporter(format, job, registry_for(plugin_manager))
     with staged_output(output, overwrite=overwrite) as staging:
         export = write_export(exporter, job, staging)
         write_metadata(staging, tokenizer, config, report, export, online)

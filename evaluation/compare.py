@@ -19,6 +19,7 @@ from .perplexity import perplexity
 
 log = logging.getLogger(__name__)
 
+EVALUATION_DATASET = "wikitext2"
 PAPER_PROTOCOL = "paper protocol: 128 calibration windows of 2048 tokens; every 2048-token window of the test split"
 
 
@@ -89,7 +90,7 @@ def compare(
     )
 
     def evaluate(m: torch.nn.Module):
-        return perplexity(m, loaded.tokenizer, "wikitext2", seqlen=eval_seqlen, limit=eval_limit, data_dir=data_dir)
+        return perplexity(m, loaded.tokenizer, EVALUATION_DATASET, seqlen=eval_seqlen, limit=eval_limit, data_dir=data_dir)
 
     with measure() as fp_run:
         fp_ppl = evaluate(fp_model)

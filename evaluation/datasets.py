@@ -1,108 +1,88 @@
-"""Datasets by name, read from a local data folder or, failing that, the `datasets` hub loader.
+"""Calibration and evaluation inputs from registered datasets (`compquant.core.dataset`): the text
+of a split tokenized, random calibration windows, and images for vision models.
 
-The local folder comes from the ``data_dir`` argument (``--data-dir``) or the environment variable
-``COMPQUANT_DATA_DIR``, laid out as the project's shared data folder is::
-
-    wikitext-2-raw/wiki.test.raw      WikiText-2 raw test split    (evaluation)
-    wikitext-2/wiki.valid.tokens      WikiText-2 validation split  (calibration)
-
-Calibration never reads a test split: the splits are fixed per purpose here, not chosen by callers.
+A dataset is named by what a plugin registered (the built-in ``wikitext2``, or any other); an image
+calibration set may also be given as a folder path (one sub-folder per class). The local data
+folder is ``--data-dir`` or ``$COMPQUANT_DATA_DIR`` (docs/data.md).
 """
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
+import pluggy
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..core.config import QuantConfig
+from ..core.dataset import Dataset, Modality, Purpose, TextDataset, resolve_data_dir
 from ..core.errors import DataNotFoundError
-
-Purpose = Literal["evaluation", "calibration"]
-ENV_VAR = "COMPQUANT_DATA_DIR"
+from ..core.plugin_manager import registry_for
 
 
-def _raw_rows(path: Path) -> str:
-    """WikiText raw file → the hub's rows joined by blank lines (blank lines become empty rows)."""
-    rows = [line if line.strip() else "" for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
-    return "\n\n".join(rows)
+def dataset(name: str, modality: Modality, plugin_manager: pluggy.PluginManager | None = None) -> Dataset:
+    """The registered dataset ``name``, which must hold ``modality``."""
+    found = registry_for(plugin_manager).get("dataset", name)
+    if found.modality != modality:
+        raise ValueError(f"dataset {name!r} holds {found.modality}, but {modality} are needed here")
+    return found
 
 
-_WIKITEXT_JOINERS = re.compile(r" @([-,.])@ ")
+def check_dataset(name: str, purpose: Purpose, data_dir: str | Path | None = None,
+                  plugin_manager: pluggy.PluginManager | None = None) -> None:
+    """Fail now, before a model is loaded, when ``name`` is neither a registered dataset nor an
+    image folder, or its ``purpose`` split cannot be read."""
+    if Path(name).expanduser().is_dir():
+        return
+    problem = registry_for(plugin_manager).get("dataset", name).problem(purpose, resolve_data_dir(data_dir))
+    if problem is not None:
+        raise DataNotFoundError(f"dataset {name!r} ({purpose}): {problem}")
 
 
-def _tokenized_rows(path: Path) -> str:
-    """WikiText tokenized file → plain-ish text: `<unk>` becomes `unk`, ` @-@ ` becomes `-`."""
-    text = path.read_text(encoding="utf-8").replace("<unk>", "unk")
-    return _WIKITEXT_JOINERS.sub(r"\1", text)
+def load_text(name: str, purpose: Purpose, *, data_dir_: str | Path | None = None,
+              plugin_manager: pluggy.PluginManager | None = None) -> str:
+    """The text of dataset ``name`` for ``purpose``."""
+    source: TextDataset = dataset(name, "text", plugin_manager)
+    return source.text(purpose, resolve_data_dir(data_dir_))
 
 
-@dataclass(frozen=True)
-class Source:
-    local: str
-    read: Callable[[Path], str]
-    hub: tuple[str, str, str]
-    """(path, name, split) for `datasets.load_dataset`."""
-
-
-DATASETS: dict[str, dict[Purpose, Source]] = {
-    "wikitext2": {
-        "evaluation": Source("wikitext-2-raw/wiki.test.raw", _raw_rows, ("wikitext", "wikitext-2-raw-v1", "test")),
-        "calibration": Source(
-            "wikitext-2/wiki.valid.tokens", _tokenized_rows, ("wikitext", "wikitext-2-raw-v1", "validation")
-        ),
-    },
-}
-
-
-def data_dir(explicit: str | Path | None = None) -> Path | None:
-    """The local data folder: the argument, else $COMPQUANT_DATA_DIR, else None."""
-    chosen = explicit if explicit is not None else os.environ.get(ENV_VAR)
-    return Path(chosen).expanduser() if chosen else None
-
-
-def load_text(name: str, purpose: Purpose, *, data_dir_: str | Path | None = None) -> str:
-    """The text of dataset ``name`` for ``purpose``, from the local folder or the hub."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
-    source = DATASETS[name][purpose]
-    folder = data_dir(data_dir_)
-    if folder is not None and (folder / source.local).is_file():
-        return source.read(folder / source.local)
-    where = f"{folder / source.local} does not exist" if folder is not None else "no data folder is set"
-    try:
-        return _from_hub(source)
-    except Exception as error:  # ImportError offline without `datasets`, or the hub's own errors
-        raise DataNotFoundError(
-            f"{name} ({purpose}) not found: {where}, and the hub loader failed ({type(error).__name__}: {error}). "
-            f"Put the file at <data folder>/{source.local} and pass --data-dir <data folder> "
-            f"or set {ENV_VAR}=<data folder>."
-        ) from None
-
-
-def _from_hub(source: Source) -> str:
-    from datasets import load_dataset  # optional: only needed without a local copy
-
-    path, config, split = source.hub
-    rows = load_dataset(path, config, split=split)["text"]
-    return "\n\n".join(rows)
-
-
-def evaluation_tokens(tokenizer: Any, name: str, *, data_dir: str | Path | None = None) -> Tensor:
+def evaluation_tokens(tokenizer: Any, name: str, *, data_dir: str | Path | None = None,
+                      plugin_manager: pluggy.PluginManager | None = None) -> Tensor:
     """The whole evaluation split of ``name`` as one row of token ids (1, L)."""
-    return tokenizer(load_text(name, "evaluation", data_dir_=data_dir), return_tensors="pt").input_ids
+    text = load_text(name, "evaluation", data_dir_=data_dir, plugin_manager=plugin_manager)
+    return tokenizer(text, return_tensors="pt").input_ids
 
 
 def calibration_windows(
-    tokenizer: Any, name: str, *, nsamples: int, seqlen: int, seed: int, data_dir: str | Path | None = None
+    tokenizer: Any, name: str, *, nsamples: int, seqlen: int, seed: int, data_dir: str | Path | None = None,
+    plugin_manager: pluggy.PluginManager | None = None,
 ) -> Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens from the calibration split, (nsamples, seqlen)."""
-    ids = tokenizer(load_text(name, "calibration", data_dir_=data_dir), return_tensors="pt").input_ids[0]
+    text = load_text(name, "calibration", data_dir_=data_dir, plugin_manager=plugin_manager)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
         raise ValueError(f"{name} calibration text has {ids.numel()} tokens, too few for windows of {seqlen}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=generator)
     return torch.stack([ids[start : start + seqlen] for start in starts.tolist()])
+
+
+def calibration_inputs(
+    model: nn.Module, config: QuantConfig, tokenizer: Any | None, plugin_manager: pluggy.PluginManager | None = None
+) -> Tensor:
+    """The run's calibration inputs as ``config.calibration`` describes them: token windows for a
+    language model (one with a tokenizer), preprocessed images for a vision model."""
+    from .images import calibration_images
+
+    cal = config.calibration
+    if tokenizer is not None:
+        return calibration_windows(tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed,
+                                   data_dir=config.data_dir, plugin_manager=plugin_manager)
+    registered = registry_for(plugin_manager).table("dataset").get(cal.dataset)
+    if Path(cal.dataset).expanduser().is_dir() or (registered is not None and registered.obj.modality == "images"):
+        return calibration_images(model, cal.dataset, nsamples=cal.nsamples, seed=config.seed, data_dir=config.data_dir,
+                                  plugin_manager=plugin_manager)
+    raise ValueError(
+        f"solver {config.solver!r} needs calibration data: pass calibration=<inputs>, a tokenizer so that windows can "
+        f"be drawn from {cal.dataset!r}, or (vision models) set calibration.dataset to an image folder or an image dataset"
+    )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..core.errors import CompquantError, DataNotFoundError
-from .datasets import ENV_VAR
+from ..core.dataset import DATA_DIR_ENV
 
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
@@ -52,7 +52,7 @@ def local_config(name: str, folder: str | Path) -> dict[str, Any]:
     if name not in local_tasks():
         raise ValueError(
             f"no local copy of task {name!r}; local tasks: {', '.join(local_tasks())}. For another lm-eval "
-            f"task, leave --data-dir and {ENV_VAR} unset to use lm-eval's hub tasks (online)"
+            f"task, leave --data-dir and {DATA_DIR_ENV} unset to use lm-eval's hub tasks (online)"
         )
     config = yaml.safe_load((TASKS_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
     resolved = {}
@@ -62,7 +62,7 @@ def local_config(name: str, folder: str | Path) -> dict[str, Any]:
             raise DataNotFoundError(
                 f"{name}: data file {path} does not exist. Put the file at <data folder>/{relative} "
                 f"(the layout of the project's shared data folder) and pass --data-dir <data folder> "
-                f"or set {ENV_VAR}=<data folder>."
+                f"or set {DATA_DIR_ENV}=<data folder>."
             )
         resolved[split] = str(path.resolve())
     config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
@@ -90,7 +90,7 @@ def _hub_tasks(names: Sequence[str], manager: TaskManager) -> dict[str, Task]:
     except Exception as error:  # offline, or the hub's own errors
         raise DataNotFoundError(
             f"lm-eval could not load {', '.join(names)} from the hub ({type(error).__name__}: {error}). "
-            f"Offline, pass --data-dir <data folder> or set {ENV_VAR}=<data folder> to use the local copies "
+            f"Offline, pass --data-dir <data folder> or set {DATA_DIR_ENV}=<data folder> to use the local copies "
             f"of {', '.join(local_tasks())}."
         ) from error
 

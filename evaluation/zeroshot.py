@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .datasets import data_dir as resolve_data_dir
+from ..core.dataset import resolve_data_dir
 from .task_configs import build_tasks, check_tasks, hub_offline
 
 ZEROSHOT_FILE = "zeroshot.json"

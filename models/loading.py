@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ..core.block_store import SafetensorsWeights, materialize
+from ..core.block_store import SafetensorsWeights
 from ..core.errors import ModelLoadError
 from ..core.online import restore_online_ops
+from ..core.plugin_manager import registry_for
 from ..core.saving import ONLINE_OPS_FILE
 
 log = logging.getLogger(__name__)
@@ -125,10 +126,11 @@ def load_model(
         import timm
 
         return LoadedModel(timm.create_model(f"local-dir:{path}", pretrained=True).to(dtype).eval(), None, str(path))
-    if folder_config.get("quantization_config", {}).get("quant_method") == "gptq":
-        model = _load_gptq(path, folder_config["quantization_config"], dtype)
+    reader = next((exporter for exporter in _exporters() if exporter.reads(folder_config)), None)
+    if reader is not None:
+        model = reader.load(path, folder_config, dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_dense_compressed(folder_config))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     online = path / ONLINE_OPS_FILE
     if online.is_file():
@@ -153,47 +155,9 @@ def _skeleton(spec: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(path), str(path), weights)
 
 
-def _dense_compressed(config: dict[str, Any]) -> dict[str, Any]:
-    """Have transformers de-quantize a compressed-tensors checkpoint on load, into plain weights
-    compquant evaluates anywhere (this also sidesteps transformers 5.23 refusing asymmetric
-    pack-quantized zero points otherwise)."""
-    if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
-        from transformers import CompressedTensorsConfig
-
-        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-    return {}
-
-
-def _load_gptq(path: Path, section: dict[str, Any], dtype: torch.dtype) -> Any:
-    """A GPTQ checkpoint (v1 or v2 zeros) de-quantized into a plain transformers model, so that it
-    runs without GPTQ kernels (on any CPU)."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..core.exporters.gptq import dequantize_linear
-
-    bits, checkpoint_format = section["bits"], section.get("checkpoint_format", "gptq")
-    if checkpoint_format not in ("gptq", "gptq_v2") or section.get("pack_dtype", "int32") != "int32":
-        raise ModelLoadError(f"{path}: GPTQ checkpoint format {checkpoint_format!r} with {section.get('pack_dtype')} "
-                             "packing is not one compquant reads (gptq or gptq_v2, int32)")
-    config = AutoConfig.from_pretrained(path)
-    del config.quantization_config
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    weights = SafetensorsWeights(path)
-    linears = sorted({name.removesuffix(".qweight") for name in weights.names() if name.endswith(".qweight")})
-    for linear in linears:
-        tensors = {part: weights.get(f"{linear}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
-        set_module_tensor_to_device(model, f"{linear}.weight", "cpu", dequantize_linear(tensors, bits, checkpoint_format),
-                                    dtype=dtype)
-    materialize(model, "", weights, torch.device("cpu"), dtype)  # everything that is not packed
-    model.tie_weights()
-    empty = [name for name, parameter in model.named_parameters() if parameter.is_meta]
-    if empty:
-        raise ModelLoadError(f"{path}: the GPTQ checkpoint has no tensors for {', '.join(empty[:5])}")
-    log.info("de-quantized the %d-bit GPTQ checkpoint %s (%d linears)", bits, path, len(linears))
-    return model.eval()
+def _exporters() -> list[Any]:
+    """Every registered checkpoint format: the one whose `reads` recognises a folder loads it."""
+    return [entry.obj for entry in registry_for(None).table("exporter").values()]
 
 
 def _dense_gguf(gguf: Path) -> dict[str, Any]:

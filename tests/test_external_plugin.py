@@ -1,5 +1,7 @@
-"""A third-party package adds a solver through the `compquant` entry-point group, with no change to
-compquant: installed for real with pip into a temporary folder, then selected by name."""
+"""A third-party package adds a solver, a checkpoint format and a dataset through the `compquant`
+entry-point group, with no change to compquant: installed for real with pip into a temporary
+folder, then used by name from a config and end to end through the command line."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +10,19 @@ import pytest
 import torch
 
 import compquant
-from compquant.core.plugin_manager import build_registry, create_plugin_manager
+from compquant.cli import main
+from compquant.core.plugin_manager import build_registry, create_plugin_manager, default_plugin_manager, default_registry
+
+from .conftest import CORPUS
 
 PACKAGE = Path(__file__).parent / "external_plugin"
+DISTRIBUTION = "compquant-example-plugin 0.1.0"
+pytestmark = pytest.mark.slow  # runs pip
+
+
+def _forget_the_default_registry():
+    default_plugin_manager.cache_clear()
+    default_registry.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +34,17 @@ def installed_plugin(tmp_path_factory):
         check=True,
     )
     sys.path.insert(0, str(target))
+    _forget_the_default_registry()
     yield target
     sys.path.remove(str(target))
-    sys.modules.pop("compquant_example_solver", None)
+    sys.modules.pop("compquant_example_plugin", None)
+    _forget_the_default_registry()
 
 
-def test_entry_point_plugin_is_registered_with_its_distribution(installed_plugin):
+def test_entry_point_plugin_registers_every_kind_with_its_distribution(installed_plugin):
     registry = build_registry(create_plugin_manager())
-    entry = registry.solvers["per-row-nearest"]
-    assert entry.distribution == "compquant-example-solver 0.1.0"
+    for kind, name in (("solver", "per-row-nearest"), ("exporter", "example-codes"), ("dataset", "example-corpus")):
+        assert registry.table(kind)[name].distribution == DISTRIBUTION
 
 
 def test_entry_point_solver_is_selected_by_name_from_a_config(installed_plugin, make_llama):
@@ -43,5 +57,33 @@ def test_entry_point_solver_is_selected_by_name_from_a_config(installed_plugin, 
 
 
 def test_blocked_entry_point_is_not_loaded(installed_plugin, monkeypatch):
-    monkeypatch.setenv("COMPQUANT_BLOCK_PLUGINS", "example_solver")
-    assert "per-row-nearest" not in build_registry(create_plugin_manager()).solvers
+    monkeypatch.setenv("COMPQUANT_BLOCK_PLUGINS", "example")
+    assert "per-row-nearest" not in build_registry(create_plugin_manager()).table("solver")
+
+
+def test_its_exporter_and_dataset_work_end_to_end_through_the_cli(installed_plugin, model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "example-corpus").mkdir(parents=True)
+    for purpose in ("calibration", "evaluation"):
+        (data / "example-corpus" / f"{purpose}.txt").write_text(" ".join(CORPUS * 10))
+    common = ["--solver", "gptq", "--bits", "4", "--group-size", "32", "--calib", "example-corpus",
+              "--data-dir", str(data), "--nsamples", "4", "--seqlen", "16", "-q"]
+    outputs = {fmt: tmp_path / fmt for fmt in ("example-codes", "fake")}
+    for fmt, output in outputs.items():
+        assert main(["quantize", str(model_dir), *common, "--format", fmt, "-o", str(output)]) == 0
+    config = json.loads((outputs["example-codes"] / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compquant-example-codes"
+
+    result = tmp_path / "ppl.json"
+    assert main(["eval", str(outputs["example-codes"]), "--ppl", "example-corpus", "--data-dir", str(data),
+                 "--seqlen", "16", "--json", str(result), "-q"]) == 0
+    assert json.loads(result.read_text())["dataset"] == "example-corpus"
+    read_back, fake = (compquant.load_model(str(output)).model for output in outputs.values())
+    for ours, theirs in zip(read_back.state_dict().values(), fake.state_dict().values()):
+        torch.testing.assert_close(ours, theirs)  # the plugin's reader gives back the quantized model
+
+    capsys.readouterr()
+    assert main(["plugins"]) == 0
+    listing = capsys.readouterr().out
+    for kind, name in (("exporter", "example-codes"), ("dataset", "example-corpus")):
+        assert any(line.split()[:2] == [kind, name] and DISTRIBUTION in line for line in listing.splitlines())

@@ -22,7 +22,7 @@ def test_wheel_holds_only_the_compquant_namespace(tmp_path):
     task_configs = {f"compquant/evaluation/tasks/{path.name}" for path in (ROOT / "evaluation" / "tasks").glob("*.yaml")}
     assert task_configs and task_configs <= set(names)  # the lm-eval tasks of `compquant eval --tasks`
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "compquant = compquant.core.cli:main" in entry_points
+    assert "compquant = compquant.cli:main" in entry_points
 
     # installed from the wheel alone (no source tree on the path), the API imports and nothing generic does
     site = tmp_path / "site"

@@ -44,10 +44,15 @@ class ExportJob:
 class Exporter(ABC):
     """Writes a quantized model in one format: `convert` turns named tensors into the format's
     (a whole model at once, or one block at a time in low-memory mode), `annotate` adds the
-    format's section to config.json."""
+    format's section to config.json. A format that compquant should also read back implements
+    `reads` and `load`, and `compquant.load_model` then loads its folders (so ``compquant eval``
+    works on them)."""
 
     name: str
+    """What ``--format`` takes; the name the exporter is registered under."""
     description: str
+    #: Place in the ``auto`` choice: formats are tried by increasing rank; None is never chosen by auto.
+    auto_rank: int | None = None
 
     @abstractmethod
     def unsupported(self, job: ExportJob) -> str | None:
@@ -59,6 +64,18 @@ class Exporter(ABC):
 
     def annotate(self, folder: Path, records: dict[str, QuantizedLinear]) -> None:
         """Add the format's quantization section to ``folder/config.json``."""
+
+    def write(self, job: ExportJob, folder: Path) -> None:
+        """Write ``job`` into the empty ``folder``: a transformers checkpoint by default."""
+        write_model(self, job, folder)
+
+    def reads(self, config: dict[str, Any]) -> bool:
+        """Whether a model folder with this ``config.json`` is in this format (and `load` reads it)."""
+        return False
+
+    def load(self, folder: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+        """The model in ``folder`` as a plain transformers model with dense weights."""
+        raise NotImplementedError(f"the {self.name} exporter does not read its checkpoints back")
 
     def convert(self, state: dict[str, Tensor], records: dict[str, QuantizedLinear], dtype: torch.dtype) -> dict[str, Tensor]:
         """``state`` in ``dtype`` with the weight of every linear in ``records`` replaced by the

@@ -348,11 +348,11 @@ def test_sequential_blocks_pairs_the_full_precision_inputs_of_each_batch(make_ll
 @pytest.mark.parametrize("solver, options", [("gptq", {"act_order": True}), ("rescomp", {"base": "gptaq"})])
 def test_a_group_solved_stacked_equals_its_linears_solved_one_by_one(make_llama, token_batches, monkeypatch, solver,
                                                                       options):
-    from compquant.core.pipeline import registry_for
+    from compquant.core.plugin_manager import registry_for
 
     config = QuantConfig(solver=solver, solver_options=options, grid={"bits": 3, "group_size": 32}, stats_dtype="float64")
     stacked = compquant.quantize(make_llama(), config, calibration=token_batches(4, 16))
-    monkeypatch.setattr(type(registry_for(None).solver(solver)), "rows_independent", False)
+    monkeypatch.setattr(type(registry_for(None).get("solver", solver)), "rows_independent", False)
     one_by_one = compquant.quantize(make_llama(), config, calibration=token_batches(4, 16))
     for name, record in stacked.records.items():
         assert torch.equal(record.codes, one_by_one.records[name].codes), name

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import compquant
 from compquant import QuantConfig
 from compquant.core.checkpoint import ResumeMismatchError
-from compquant.core.cli import main
+from compquant.cli import main
 from compquant.core.plugin_manager import create_plugin_manager
 
 
@@ -78,7 +78,7 @@ def test_a_checkpoint_of_another_run_is_refused_with_what_changed(make_llama, to
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import compquant
-    from compquant.core.cli import main
+    from compquant.cli import main
     from compquant.core.plugin_manager import default_plugin_manager
 
     class KillInBlock:

@@ -6,7 +6,8 @@ import compquant
 from compquant.core.errors import FunctionChangedError
 from compquant.core.function_check import FunctionCheck, default_tolerance, probe_input
 from compquant.core.online import OnlineOp, attach_attention_op
-from compquant.core.pipeline import apply_transforms, registry_for
+from compquant.core.pipeline import apply_transforms
+from compquant.core.plugin_manager import registry_for
 from compquant.core.plugin_manager import create_plugin_manager
 from compquant.core.transform import Transform, TransformContext, TransformOptions
 from compquant.models.llama import LLAMA

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from compquant.core.errors import DataNotFoundError
+from compquant.core.errors import DataNotFoundError, UnknownPluginError
 from compquant.evaluation.datasets import calibration_windows, load_text
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -37,7 +37,7 @@ def test_missing_file_offline_says_where_to_put_it(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="available: wikitext2"):
+    with pytest.raises(UnknownPluginError, match="unknown dataset 'c4x'; available datasets: wikitext2"):
         load_text("c4x", "evaluation")
 
 

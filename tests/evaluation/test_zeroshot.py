@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from compquant.core.cli import main
+from compquant.cli import main
 from compquant.core.errors import CompquantError, DataNotFoundError
 from compquant.evaluation.task_configs import build_tasks, local_tasks
 from compquant.evaluation.zeroshot import DEFAULT_TASKS, zero_shot

@@ -8,7 +8,7 @@ from torch import nn
 
 import compquant
 from compquant import QuantConfig
-from compquant.core.cli import main
+from compquant.cli import main
 from compquant.models.deit import DEIT
 
 SOLVERS = [("rtn", {}), ("gptq", {}), ("gptaq", {}), ("rescomp", {}), ("rescomp", {"base": "gptq"})]
@@ -75,11 +75,10 @@ def image_folder(tmp_path):
 
 
 def test_calibration_and_top1_read_an_image_folder_with_timms_transform(make_deit, image_folder):
-    from compquant.evaluation.images import image_folder as load_folder
-    from compquant.evaluation.images import top1_accuracy
+    from compquant.evaluation.images import Preprocessed, image_source, top1_accuracy
 
     model = make_deit()
-    dataset = load_folder(image_folder, model)
+    dataset = Preprocessed(image_source(image_folder, "evaluation"), model)
     batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
     labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     assert batch.shape == (18, 1, 16, 16)

@@ -20,8 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..qlinear import QuantizedLinear
-from .base import Exporter, ExportJob, online_ops_problem
+from torch import nn
+
+from ...core.exporters.base import Exporter, ExportJob, online_ops_problem
+from ...core.plugin_manager import hookimpl
+from ...core.qlinear import QuantizedLinear
 
 FORMAT = "pack-quantized"
 
@@ -29,6 +32,7 @@ FORMAT = "pack-quantized"
 class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
     description = "compressed-tensors pack-quantized (vLLM, transformers with compressed-tensors installed)"
+    auto_rank = 10
 
     def unsupported(self, job: ExportJob) -> str | None:
         if not job.is_transformers_model:
@@ -57,6 +61,17 @@ class CompressedTensorsExporter(Exporter):
         compressed = PackedQuantizationCompressor.compress(state, _scheme(record, targets=["Linear"]))
         compressed["weight_scale"] = compressed["weight_scale"].to(dtype)
         return compressed
+
+    def reads(self, config: dict[str, Any]) -> bool:
+        return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+
+    def load(self, folder: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+        """Through transformers, de-quantized on load into plain weights that run anywhere (this also
+        sidesteps transformers 5.23 refusing asymmetric pack-quantized zero points otherwise)."""
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True))
 
     def annotate(self, folder: Path, records: dict[str, QuantizedLinear]) -> None:
         from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
@@ -92,3 +107,8 @@ def _scheme(record: QuantizedLinear, targets: list[str]) -> Any:
         actorder="weight" if record.act_order else None,
     )
     return QuantizationScheme(targets=targets, weights=weights)
+
+
+@hookimpl
+def compquant_register_exporters(register) -> None:
+    register(CompressedTensorsExporter.name, CompressedTensorsExporter())

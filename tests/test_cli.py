@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from compquant.core.cli import main
+from compquant.cli import main
 
 
 def quantize_args(model_dir, data_dir, output, *extra):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import compquant
 from compquant import QuantConfig
 from compquant.core.exporters import ExportError
-from compquant.core.exporters.gptq import _pack
+from compquant.plugins.exporters.gptq import _pack
 
 
 def autogptq_pack_3bit(column: list[int]) -> list[int]:

@@ -11,13 +11,20 @@ as they are and expresses every asymmetric grid, but only GPTQModel reads it.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..qlinear import QuantizedLinear
-from .base import Exporter, ExportJob, add_quantization_config, online_ops_problem
+from ...core.block_store import SafetensorsWeights, materialize
+from ...core.errors import ModelLoadError
+from ...core.exporters.base import Exporter, ExportJob, add_quantization_config, online_ops_problem
+from ...core.plugin_manager import hookimpl
+from ...core.qlinear import QuantizedLinear
+
+log = logging.getLogger(__name__)
 
 PACKABLE_BITS = (2, 3, 4, 8)
 
@@ -26,6 +33,8 @@ class GptqExporter(Exporter):
     def __init__(self, version: int) -> None:
         self.version = version
         self.name = "gptq" if version == 1 else "gptq-v2"
+        self.checkpoint_format = "gptq" if version == 1 else "gptq_v2"
+        self.auto_rank = 20 if version == 1 else None
         self.description = ("GPTQ qweight/qzeros/scales/g_idx, v1 zeros (AutoGPTQ, transformers, vLLM)" if version == 1
                             else "GPTQ with v2 zeros stored as they are (GPTQModel only)")
 
@@ -60,7 +69,7 @@ class GptqExporter(Exporter):
             "desc_act": first.act_order and not first.groups_in_order,
             "sym": first.symmetric,
             "true_sequential": True,
-            "checkpoint_format": "gptq" if self.version == 1 else "gptq_v2",
+            "checkpoint_format": self.checkpoint_format,
             "pack_dtype": "int32",
             "meta": {"quantizer": ["compquant"]},
         })
@@ -74,6 +83,41 @@ class GptqExporter(Exporter):
             "scales": record.scale.T.to(dtype).contiguous(),
             "g_idx": record.g_idx.to(torch.int32),
         }
+
+
+    def reads(self, config: dict[str, Any]) -> bool:
+        section = config.get("quantization_config", {})
+        return section.get("quant_method") == "gptq" and section.get("checkpoint_format", "gptq") == self.checkpoint_format
+
+    def load(self, folder: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+        """The checkpoint de-quantized into a plain transformers model, so that it runs without GPTQ
+        kernels (on any CPU)."""
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        section = config["quantization_config"]
+        bits = section["bits"]
+        if section.get("pack_dtype", "int32") != "int32":
+            raise ModelLoadError(f"{folder}: GPTQ checkpoints packed in {section.get('pack_dtype')} are not ones compquant "
+                                 "reads (int32 words only)")
+        model_config = AutoConfig.from_pretrained(folder)
+        del model_config.quantization_config
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        weights = SafetensorsWeights(folder)
+        linears = sorted({name.removesuffix(".qweight") for name in weights.names() if name.endswith(".qweight")})
+        for linear in linears:
+            tensors = {part: weights.get(f"{linear}.{part}") for part in ("qweight", "qzeros", "scales", "g_idx")}
+            set_module_tensor_to_device(model, f"{linear}.weight", "cpu",
+                                        dequantize_linear(tensors, bits, self.checkpoint_format), dtype=dtype)
+        materialize(model, "", weights, torch.device("cpu"), dtype)  # everything that is not packed
+        model.tie_weights()
+        empty = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+        if empty:
+            raise ModelLoadError(f"{folder}: the GPTQ checkpoint has no tensors for {', '.join(empty[:5])}")
+        log.info("de-quantized the %d-bit GPTQ checkpoint %s (%d linears)", bits, folder, len(linears))
+        return model.eval()
 
 
 def dequantize_linear(tensors: dict[str, Tensor], bits: int, checkpoint_format: str) -> Tensor:
@@ -99,3 +143,10 @@ def _pack(values: Tensor, bits: int, dim: int) -> Tensor:
 
     offset = 2 ** (bits - 1)  # pack_to_int32 takes signed values and adds this offset back
     return pack_to_int32((values - offset).to(torch.int8).contiguous(), bits, packed_dim=dim)
+
+
+@hookimpl
+def compquant_register_exporters(register) -> None:
+    for version in (1, 2):
+        exporter = GptqExporter(version)
+        register(exporter.name, exporter)

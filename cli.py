@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import QuantConfig, read_config_file
-from .errors import CompquantError
-from .exporters import FORMATS
+from .core.config import QuantConfig, read_config_file
+from .core.errors import CompquantError
 
 log = logging.getLogger("compquant")
 
@@ -55,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     _quant_options(quantize)
     quantize.add_argument("--output", "-o", help="folder to create for the quantized model (must not exist)")
     quantize.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
-    quantize.add_argument("--format", default="auto", choices=FORMATS,
-                          help="export format (default auto: compressed-tensors where it can express the run, "
-                               "else gptq, else fake)")
+    quantize.add_argument("--format", default="auto",
+                          help="export format: auto (default: compressed-tensors where it can express the run, "
+                               "else gptq, else fake) or any registered exporter (`compquant plugins` lists them)")
     quantize.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                           help="dtype of the written scales and unquantized weights (default: the model's)")
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -216,22 +215,28 @@ def transform_options(items: list[str]) -> dict[str, dict[str, Any]]:
 def _run_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import check_plugins, quantize, registry_for
-    from .saving import check_output, needed_bytes, save_quantized
-    from ..models.loading import load_model, resolve_model_path
+    from .api import quantize, quantize_low_memory
+    from .core.exporters import check_format
+    from .core.pipeline import check_plugins, needs_calibration
+    from .core.plugin_manager import registry_for
+    from .core.saving import check_output, needed_bytes, save_quantized
+    from .evaluation.datasets import check_dataset
+    from .models.loading import load_model, resolve_model_path
 
     config = build_config(args)
     if config.model is None:
         raise ValueError(f"name a model to quantize (a folder, .gguf file, hub name or the preset {DEFAULT_MODEL})")
     if config.output is None:
         raise ValueError("name the output folder with --output DIR (it must not exist yet)")
-    check_plugins(config, registry_for(None))
+    registry = registry_for(None)
+    check_plugins(config, registry)
+    check_format(args.format, registry)
+    if needs_calibration(config, registry):
+        check_dataset(config.calibration.dataset, "calibration", config.data_dir)
     source = resolve_model_path(config.model)
     output = check_output(config.output, source, overwrite=args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.low_memory:
-        from .low_memory import quantize_low_memory
-
         loaded = load_model(config.model, low_memory=True)
         report = quantize_low_memory(loaded.model, loaded.weights, config, output, tokenizer=loaded.tokenizer,
                                      format=args.format, dtype=dtype, max_shard_size=args.max_shard_size,
@@ -256,20 +261,24 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .pipeline import apply_transforms, check_transforms, registry_for, resolve_device
-    from .saving import write_text_atomic
-    from .transform import TransformContext
-    from ..evaluation.datasets import data_dir
-    from ..evaluation.task_configs import check_tasks
-    from ..evaluation.zeroshot import parse_tasks
-    from ..models.loading import load_model
+    from .core.dataset import resolve_data_dir
+    from .core.pipeline import apply_transforms, check_transforms, resolve_device
+    from .core.plugin_manager import registry_for
+    from .core.saving import write_text_atomic
+    from .core.transform import TransformContext
+    from .evaluation.datasets import check_dataset
+    from .evaluation.task_configs import check_tasks
+    from .evaluation.zeroshot import parse_tasks
+    from .models.loading import load_model
 
     registry = registry_for(None)
     options = transform_options(args.transform_option)
     check_transforms(args.transform, options, registry)  # fail on a bad name or option before loading the model
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     if tasks:  # likewise on a task without a local copy, a missing data file, or no lm-eval
-        check_tasks(tasks, data_dir(args.data_dir))
+        check_tasks(tasks, resolve_data_dir(args.data_dir))
+    if args.ppl:
+        check_dataset(args.ppl, "evaluation", args.data_dir)
     device = resolve_device(args.device)
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
@@ -278,7 +287,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                          options, check=args.transform_check is not False, tolerance=args.transform_tolerance)
     record: dict[str, Any] = {"model": loaded.source, "transforms": args.transform, "transform_options": options}
     if loaded.is_vision:
-        from ..evaluation.images import top1_accuracy
+        from .evaluation.images import top1_accuracy
 
         if tasks:
             raise ValueError(f"{args.model} is a vision model: --tasks needs a language model")
@@ -297,9 +306,9 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _evaluate_language_model(args: argparse.Namespace, model: Any, loaded: Any, tasks: list[str]) -> dict[str, Any]:
     """Perplexity on ``--ppl`` (wikitext2 when neither it nor ``--tasks`` is given) and zero-shot
     ``tasks``; a compquant output folder also gets the zero-shot result beside its model."""
-    from .saving import CONFIG_FILE, write_text_atomic
-    from ..evaluation.perplexity import perplexity
-    from ..evaluation.zeroshot import ZEROSHOT_FILE, zero_shot
+    from .core.saving import CONFIG_FILE, write_text_atomic
+    from .evaluation.perplexity import perplexity
+    from .evaluation.zeroshot import ZEROSHOT_FILE, zero_shot
 
     record: dict[str, Any] = {}
     dataset = args.ppl or (None if tasks else "wikitext2")
@@ -322,11 +331,18 @@ def _evaluate_language_model(args: argparse.Namespace, model: Any, loaded: Any, 
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .saving import write_text_atomic
-    from ..evaluation.compare import compare
+    from .core.pipeline import check_plugins
+    from .core.plugin_manager import registry_for
+    from .core.saving import write_text_atomic
+    from .evaluation.compare import EVALUATION_DATASET, compare
+    from .evaluation.datasets import check_dataset
 
     config = build_config(args, COMPARE_DEFAULTS)
     solvers = tuple(name.strip() for name in args.solvers.split(",") if name.strip())
+    for solver in solvers:  # every name and dataset checked before the model loads
+        check_plugins(config.model_copy(update={"solver": solver, "solver_options": {}}), registry_for(None))
+    check_dataset(config.calibration.dataset, "calibration", config.data_dir)
+    check_dataset(EVALUATION_DATASET, "evaluation", config.data_dir)
     result = compare(
         config.model or DEFAULT_MODEL,
         config,
@@ -342,7 +358,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_plugins(args: argparse.Namespace) -> int:
-    from .pipeline import registry_for
+    from .core.plugin_manager import registry_for
 
     registry = registry_for(None)
     rows = [(entry.kind, entry.name, entry.plugin, entry.distribution) for entry in registry.entries()]

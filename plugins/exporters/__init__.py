@@ -1,0 +1,1 @@
+"""The built-in checkpoint formats, each a plugin (`compquant_register_exporters`)."""
