@@ -24,7 +24,7 @@ class GridConfig(_Strict):
     group_size: int = Field(128, description="columns per grid; -1 for one grid per row")
     sym: bool = Field(False, description="symmetric grid")
     clip: bool = Field(False, description="MSE clipping search for each grid")
-    convention: Literal["quarot", "ist"] = Field("quarot", description="grid convention (algorithms.md §11)")
+    convention: Literal["quarot", "ist"] = Field("quarot", description="grid convention (docs/methods.md §0)")
 
     @field_validator("group_size")
     @classmethod

@@ -2,7 +2,7 @@
 
 A `Grid` says how a row (or a group of columns within a row) maps to integers: bits, symmetric or
 asymmetric, group size, optional MSE clipping search, and which of the two published conventions
-is used (see `../shared/docs/algorithms.md`, sections 0 and 11):
+is used (docs/methods.md §0):
 
 * ``quarot`` (default; QuaRot/GPTAQ/ResComp/SpinQuant): symmetric grids are signed,
   codes in ``[-(qmax+1), qmax]`` with ``qmax = 2^(b-1) - 1``, ``scale = absmax / qmax``, zero 0;

@@ -1,7 +1,7 @@
 """Hadamard matrices of the sizes real models need, built by known constructions.
 
 A size n is written as ``K · 2^m`` with the 2^m part from Sylvester doubling and K from a Paley
-construction on a prime q (algorithms.md §4):
+construction on a prime q (docs/transforms.md, "Hadamard matrices"):
 
 * Paley I, q ≡ 3 (mod 4): order q + 1;
 * Paley II, q ≡ 1 (mod 4): order 2(q + 1).

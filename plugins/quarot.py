@@ -1,5 +1,5 @@
 """QuaRot (Ashkboos et al., 2024): rotate the full-precision model so that its weights have no
-outliers, without changing its function (algorithms.md §4), for RMSNorm models.
+outliers, without changing its function (docs/transforms.md, "QuaRot"), for RMSNorm models.
 
 In order: untie a tied head, fold each RMSNorm's scale into the linears that read it (the norms
 become scale-free and so rotation-invariant), rotate the residual stream by R1 (embedding, every

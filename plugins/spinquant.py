@@ -1,5 +1,5 @@
 """SpinQuant (Liu et al., 2024): learn the residual rotation R1 and the per-block head rotations R2
-on calibration data (algorithms.md §5).
+on calibration data (docs/transforms.md, "SpinQuant").
 
 The model is prepared as for QuaRot (untied head, norms folded, fixed online Hadamard R4 in front of
 the MLP output projection). R1 and R2 start from random Hadamards and are trained by Cayley SGD on the

@@ -93,6 +93,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # spawns interpreters
 def test_sigkill_in_the_middle_of_a_block_then_the_same_command_resumes(model_dir, data_dir, tmp_path):
     folder = model_dir
     script = tmp_path / "run.py"
