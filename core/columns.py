@@ -86,6 +86,21 @@ class PreparedProblem:
 TermsFactory = Callable[[PreparedProblem], Sequence[CompensationTerm]]
 
 
+def least_squares_absorption(statistic: Tensor, problem: PreparedProblem, scale: float) -> Tensor:
+    """``scale · triu(S · Uᵀ, 1) · U`` for a cross statistic S (original column order):
+    row j is ``scale · S[j, F] · inv(H_d[F, F])`` with F the columns after j in quantization order."""
+    permuted = problem.permute(statistic.to(problem.inverse_factor.dtype))
+    u = problem.inverse_factor
+    return scale * torch.triu(permuted @ u.T, diagonal=1) @ u
+
+
+def asymmetric_term(cross: Tensor, problem: PreparedProblem, alpha: float) -> CompensationTerm:
+    """GPTAQ's P term: column j's residual ``w_j ΔX_j`` absorbed by the columns after it."""
+    cross = cross.clone()
+    cross[:, problem.dead] = 0
+    return CompensationTerm(least_squares_absorption(cross, problem, alpha), lambda values, columns: values)
+
+
 def inverse_hessian_factor(hessian: Tensor, percdamp: float, *, max_tries: int = 8) -> Tensor:
     """Upper Cholesky factor U of ``(H + λI)⁻¹``, λ = percdamp · mean(diag H).
 

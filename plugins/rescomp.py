@@ -20,12 +20,19 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..core.columns import Carry, ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from ..core.columns import (
+    Carry,
+    ColumnOptions,
+    CompensationTerm,
+    PreparedProblem,
+    asymmetric_term,
+    least_squares_absorption,
+    solve_columns,
+)
 from ..core.plugin_manager import hookimpl
 from ..core.quantizer import Grid
 from ..core.solver import LayerResult, Solver
 from ..core.statistics import LayerStatistics, Statistic
-from .gptaq import asymmetric_term, least_squares_absorption
 
 CARRY: dict[str, Carry] = {"org": "quantized", "allw": "clamped", "exact": "compensated"}
 
