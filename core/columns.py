@@ -8,9 +8,8 @@ inverse Hessian (`../shared/docs/algorithms.md`, section 1). Updates are applied
 Solvers that add least-squares terms beyond GPTQ's (GPTAQ's ``P``, ResComp's ``R``) describe each as a
 `CompensationTerm`: when column ``j`` is frozen, later columns ``k`` receive
 ``coefficient(v_j) · matrix[j, k]``. Inside a block ``v_j`` is the column's value just before
-quantization; at the block end the value carried to later blocks is chosen by ``carry``:
-``quantized`` (the released GPTAQ/ResComp-org behaviour), ``compensated`` (the block-free math) or
-``clamped`` (ResComp-allw: compensated values clamped to the grid's range).
+quantization; what later blocks see of it is a `FrozenValue`, which the solvers' user-facing options
+(GPTAQ's ``cross_block``, ResComp's ``mode``) name through `FROZEN_VALUES`.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
 import torch
@@ -29,7 +29,27 @@ from .solver import LayerResult, SolverOptions
 
 log = logging.getLogger(__name__)
 
-Carry = Literal["quantized", "compensated", "clamped"]
+
+class FrozenValue(Enum):
+    """The value of a frozen column that the extra terms of later lazy blocks see. Inside its own block
+    a column always contributes its value just before quantization; the block end is where the
+    references differ from the block-free math."""
+
+    QUANTIZED = "quantized"
+    """q_j: the released GPTAQ code and ResComp ``org``."""
+    COMPENSATED = "compensated"
+    """w_j as it was just before quantization: the block-free math."""
+    CLAMPED = "clamped"
+    """w_j clamped to the range of the grid active at the block's last column: ResComp ``allw``."""
+
+
+FROZEN_VALUES: dict[str, FrozenValue] = {
+    "released": FrozenValue.QUANTIZED,  # GPTAQ cross_block
+    "org": FrozenValue.QUANTIZED,  # ResComp mode
+    "allw": FrozenValue.CLAMPED,  # ResComp mode
+    "exact": FrozenValue.COMPENSATED,  # GPTAQ cross_block and ResComp mode
+}
+"""The solvers' option values for what later blocks see of a frozen column, in one vocabulary."""
 
 
 class NumericalWarning(UserWarning):
@@ -142,7 +162,7 @@ def solve_columns(
     options: ColumnOptions,
     *,
     terms: TermsFactory | None = None,
-    carry: Carry = "quantized",
+    frozen_value: FrozenValue = FrozenValue.QUANTIZED,
 ) -> LayerResult:
     """Quantize ``weight`` (rows, n) column by column against ``hessian`` (n, n), both already in
     the dtype the solve should run in. Returns codes and grids in the original column order."""
@@ -184,13 +204,13 @@ def solve_columns(
         updates = torch.stack([u[i1:i2, i1:i2]] + [term.matrix[i1:i2, i1:i2] for term in extra])
         q_block = torch.zeros_like(block)
         err_block = torch.zeros_like(block)
-        pre_block = torch.zeros_like(block) if extra and carry != "quantized" else None
+        pre_block = torch.zeros_like(block) if extra and frozen_value is not FrozenValue.QUANTIZED else None
 
         def carried(done: int) -> Tensor:
             """Values of the block's first ``done`` frozen columns as later columns see them."""
-            if carry == "quantized" or pre_block is None:
+            if frozen_value is FrozenValue.QUANTIZED or pre_block is None:
                 return q_block[:, :done]
-            if carry == "compensated":
+            if frozen_value is FrozenValue.COMPENSATED:
                 return pre_block[:, :done]
             low, high = grid.representable_range(grids[column_grid[i1 + done - 1]])
             return torch.clamp(pre_block[:, :done], low.unsqueeze(1), high.unsqueeze(1))

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from ..core.columns import ColumnOptions, asymmetric_term, solve_columns
+from ..core.columns import FROZEN_VALUES, ColumnOptions, asymmetric_term, solve_columns
 from ..core.plugin_manager import hookimpl
 from ..core.quantizer import Grid
 from ..core.solver import LayerResult, Solver
@@ -44,7 +44,7 @@ class GPTAQ(Solver):
             grid,
             options,
             terms=lambda problem: [asymmetric_term(stats.cross, problem, options.alpha)],
-            carry="quantized" if options.cross_block == "released" else "compensated",
+            frozen_value=FROZEN_VALUES[options.cross_block],
         )
 
 

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..core.columns import (
-    Carry,
+    FROZEN_VALUES,
     ColumnOptions,
     CompensationTerm,
     PreparedProblem,
@@ -33,8 +33,6 @@ from ..core.plugin_manager import hookimpl
 from ..core.quantizer import Grid
 from ..core.solver import LayerResult, Solver
 from ..core.statistics import LayerStatistics, Statistic
-
-CARRY: dict[str, Carry] = {"org": "quantized", "allw": "clamped", "exact": "compensated"}
 
 
 class ResCompOptions(ColumnOptions):
@@ -84,8 +82,8 @@ class ResComp(Solver):
                 extra.insert(0, asymmetric_term(stats.cross, problem, options.alpha))
             return extra
 
-        carry = CARRY[options.resolved_mode(grid.bits)]
-        return solve_columns(weight, stats.hessian, grid, options, terms=terms, carry=carry)
+        frozen_value = FROZEN_VALUES[options.resolved_mode(grid.bits)]
+        return solve_columns(weight, stats.hessian, grid, options, terms=terms, frozen_value=frozen_value)
 
 
 @hookimpl
