@@ -251,7 +251,7 @@ class LazyBlock:
         """The block's first ``done`` frozen columns as the terms of the columns after the block see them."""
         if self.compensation.frozen_value is FrozenValue.QUANTIZED:
             return self.quantized[:, :done]
-        if self.compensation.frozen_value is FrozenValue.COMPENSATED:
+        if self.compensation.frozen_value is FrozenValue.COMPENSATED or done == 0:  # none frozen: no grid to clamp to
             return self.before[:, :done]
         low, high = self.grids.representable_range(self.start + done - 1)
         return torch.clamp(self.before[:, :done], low.unsqueeze(1), high.unsqueeze(1))
