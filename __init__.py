@@ -13,7 +13,7 @@ Solvers, transforms and architecture adapters are plugins; see `compquant.core.p
 from __future__ import annotations
 
 from .core.adapter import ArchitectureAdapter
-from .core.columns import ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from .core.columns import ColumnOptions, CompensationTerm, FrozenValue, PreparedProblem, solve_columns
 from .core.config import CalibrationConfig, GridConfig, QuantConfig
 from .core.errors import CompquantError
 from .core.layer import quantize_layer
@@ -24,7 +24,7 @@ from .core.quantizer import Grid, QuantParams
 from .core.report import LayerReport, QuantReport
 from .core.saving import save_quantized
 from .core.solver import LayerResult, Solver, SolverOptions
-from .core.statistics import LayerStatistics, Statistic
+from .core.statistics import Accumulator, LayerStatistics, Statistic
 from .core.transform import Transform, TransformContext, TransformOptions
 from .evaluation.perplexity import PerplexityResult, perplexity
 from .evaluation.zeroshot import ZeroShotResult, zero_shot
@@ -33,11 +33,13 @@ from .models.loading import load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "ArchitectureAdapter",
     "CalibrationConfig",
     "ColumnOptions",
     "CompensationTerm",
     "CompquantError",
+    "FrozenValue",
     "Grid",
     "GridConfig",
     "LayerReport",

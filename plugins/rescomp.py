@@ -2,8 +2,8 @@
 
 At every column step the target is the original full-precision output, not the output of the
 already-compensated weights: the residual gains the compensation-aware error ``(w₀_j − w_j) X̃_j``,
-absorbed by the later columns through ``R = α₂ · triu(X̃Xᵀ · Uᵀ, 1) · U`` (algorithms.md §3), on top
-of either base:
+absorbed by the later columns through ``R = α₂ · triu(X̃Xᵀ · Uᵀ, 1) · U`` (docs/methods.md, ResComp
+§3), on top of either base:
 
 * ``base: gptaq`` (the released code): GPTAQ's P term too, and ``X̃Xᵀ = dXXT + H``;
 * ``base: gptq`` (our reading; the authors have not released it): X̃ = X, so no P term and
@@ -72,7 +72,7 @@ class ResComp(Solver):
 
     def solve(self, weight: Tensor, stats: LayerStatistics | None, grid: Grid, options: ResCompOptions) -> LayerResult:
         if stats is None or (options.base == "gptaq" and stats.cross is None):
-            raise ValueError(f"ResComp on {options.base} needs {', '.join(sorted(self.statistics(options)))} statistics")
+            raise ValueError(f"ResComp on {options.base} needs {', '.join(sorted(s.name for s in self.statistics(options)))} statistics")
         # X̃Xᵀ from the undamped H, before the dead-column fix, as released
         fp_cross_input = stats.hessian + stats.cross if options.base == "gptaq" else stats.hessian
 
