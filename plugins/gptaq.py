@@ -2,7 +2,7 @@
 
 The quantized layer sees the quantized-path inputs X but must reproduce the full-precision output on
 the full-precision inputs X̃. Neuron decomposition turns the residual ``W(X̃ − X)`` into one extra
-compensation term per frozen column (algorithms.md §2):
+compensation term per frozen column (docs/methods.md, GPTAQ §2):
 ``P = α · triu(dXXT · Uᵀ, 1) · U``, later columns receiving ``w_j · P[j, F]``.
 """
 from __future__ import annotations
