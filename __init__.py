@@ -19,7 +19,7 @@ from __future__ import annotations
 from compquant.api import quantize
 from compquant.builtins import BUILTIN_PLUGINS
 from compquant.core.adapter import ArchitectureAdapter
-from compquant.core.columns import ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from compquant.core.columns import ColumnOptions, CompensationTerm, FrozenValue, PreparedProblem, solve_columns
 from compquant.core.config import CalibrationConfig, GridConfig, QuantConfig
 from compquant.core.dataset import Dataset, ImageDataset, TextDataset
 from compquant.core.errors import CompquantError
@@ -32,7 +32,7 @@ from compquant.core.quantizer import Grid, QuantParams
 from compquant.core.report import LayerReport, QuantReport
 from compquant.core.saving import save_quantized
 from compquant.core.solver import LayerResult, Solver, SolverOptions
-from compquant.core.statistics import LayerStatistics, Statistic
+from compquant.core.statistics import Accumulator, LayerStatistics, Statistic
 from compquant.core.transform import Transform, TransformContext, TransformOptions
 from compquant.evaluation.perplexity import PerplexityResult, perplexity
 from compquant.evaluation.zeroshot import ZeroShotResult, zero_shot
@@ -44,6 +44,7 @@ use_builtin_plugins(BUILTIN_PLUGINS)
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "ArchitectureAdapter",
     "CalibrationConfig",
     "ColumnOptions",
@@ -52,6 +53,7 @@ __all__ = [
     "Dataset",
     "ExportJob",
     "Exporter",
+    "FrozenValue",
     "Grid",
     "GridConfig",
     "ImageDataset",

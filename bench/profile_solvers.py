@@ -26,7 +26,7 @@ PARTS = [
     ("block forwards", "_run_block", "calibration.py"),
     ("statistics accumulation", "add", "statistics.py"),
     ("Cholesky / inverse", "inverse_hessian_factor", "columns.py"),
-    ("compensation terms (P, R)", "least_squares_absorption", "gptaq.py"),
+    ("compensation terms (P, R)", "least_squares_absorption", "columns.py"),
     ("error report", "relative_output_error", "calibration.py"),
 ]
 
@@ -78,7 +78,7 @@ def main() -> None:
         shares: dict[str, float] = {}
         for category, name, suffix in PARTS:
             shares[category] = shares.get(category, 0.0) + cumulative(stats, name, suffix)
-        inside = cumulative(stats, "inverse_hessian_factor", "columns.py") + cumulative(stats, "least_squares_absorption", "gptaq.py")
+        inside = cumulative(stats, "inverse_hessian_factor", "columns.py") + cumulative(stats, "least_squares_absorption", "columns.py")
         floor = forward * (1 if solver == "gptq" else 2) + solve  # the forwards the streams need, plus the solves
         print(f"{solver:<9} {total:>8.1f} {floor:>8.1f} " + " ".join(f"{v:>7.1f} ({100 * v / total:>3.0f}%)" for v in shares.values())
               + f" {solve - inside:>5.1f} ({100 * (solve - inside) / total:>3.0f}%)", flush=True)

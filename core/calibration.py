@@ -6,12 +6,13 @@ every group sees the outputs of the already-quantized groups before it), and the
 inputs are propagated through the quantized block to become the next block's inputs. Only the
 current block sits on the compute device.
 
-When the solver asks for the cross term, a second, full-precision stream runs beside the quantized
-one, and ``dXXT`` is accumulated while both streams run. The full-precision inputs each group of the
-current block needs are either recomputed per group through an unquantized copy of the block
-(``stream``: memory of one block copy) or captured in one pass of the still-unquantized block before
-its first group is solved (``cache``: one forward instead of one per group, memory of tokens × the
-group input widths of one block). ``auto`` caches when that fits ``fp_cache_mib``. Nothing is kept
+When a statistic the solver asks for needs the full-precision inputs (the cross term ``dXXT`` does),
+a second, full-precision stream runs beside the quantized one, and the statistics are accumulated
+while both streams run. The full-precision inputs each group of the current block needs are either
+recomputed per group through an unquantized copy of the block (``stream``: memory of one block
+copy) or captured in one pass of the still-unquantized block before its first group is solved
+(``cache``: one forward instead of one per group, memory of tokens × the group input widths of one
+block). ``auto`` caches when that fits ``fp_cache_mib``. Nothing is kept
 beyond the current block.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport, QuantReport
 from .solver import LayerResult, Solver, SolverOptions
-from .statistics import LayerStatistics, NonFiniteStatisticsError, Statistic, StatisticsAccumulator
+from .statistics import LayerStatistics, NonFiniteStatisticsError, Statistic, StatisticsAccumulator, needs_fp_inputs
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ class CalibrationPlan:
     def wanted(self) -> frozenset[Statistic]:
         return self.solver.statistics(self.options)
 
+    @property
+    def needs_fp_inputs(self) -> bool:
+        """Whether the statistics take the full-precision stream."""
+        return needs_fp_inputs(self.wanted)
+
+    def accumulator(self, columns: int) -> StatisticsAccumulator:
+        """An empty accumulator of the solver's statistics for inputs of width ``columns``."""
+        return StatisticsAccumulator(columns, self.wanted, dtype=self.stats_dtype, device=self.device)
+
 
 def calibrate(
     model: nn.Module,
@@ -100,7 +110,7 @@ def calibrate(
         if wanted:
             stream = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in stream.hidden)
-            fp_stream = _Stream(list(stream.hidden), stream.kwargs) if Statistic.CROSS in wanted else None
+            fp_stream = _Stream(list(stream.hidden), stream.kwargs) if plan.needs_fp_inputs else None
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, stream, fp_stream) if checkpoint is not None else 0
         for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
@@ -191,7 +201,7 @@ def _quantize_group(
         if result.weight.shape != weight.shape or not torch.isfinite(result.weight).all():
             raise ArithmeticError(f"solver {plan.solver_name!r} returned a weight of shape {tuple(result.weight.shape)} "
                                   f"with non-finite values for {name}; nothing was written")
-        error = relative_output_error(weight, result.weight, stats.hessian) if stats is not None else None
+        error = None if stats is None or stats.hessian is None else relative_output_error(weight, result.weight, stats.hessian)
         layer.weight.data.copy_(result.weight)
         log.info("%s %s: relative output error %s", plan.solver_name, name, "n/a" if error is None else f"{error:.3e}")
         done.append((LayerReport(name, plan.solver_name, tuple(weight.shape), error, seconds * weight.shape[0]), result))
@@ -295,8 +305,7 @@ def _block_statistics(
 
     def accumulate(group_index: int, inputs: Tensor) -> None:
         if accumulators[group_index] is None:
-            accumulators[group_index] = StatisticsAccumulator(inputs.shape[-1], plan.wanted, dtype=plan.stats_dtype,
-                                                              device=plan.device)
+            accumulators[group_index] = plan.accumulator(inputs.shape[-1])
         fp_inputs = full_precision.inputs(group_index, batch_index) if full_precision is not None else None
         accumulators[group_index].add(inputs, fp_inputs)
 
@@ -339,7 +348,7 @@ def _group_statistics(
         inputs = _input_of(block, first, hidden, stream.kwargs[index])
         fp_inputs = full_precision.inputs(group_index, index) if full_precision is not None else None
         if accumulator is None:
-            accumulator = StatisticsAccumulator(inputs.shape[-1], plan.wanted, dtype=plan.stats_dtype, device=plan.device)
+            accumulator = plan.accumulator(inputs.shape[-1])
         accumulator.add(inputs, fp_inputs)
     if full_precision is not None:
         full_precision.release(group_index)

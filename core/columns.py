@@ -2,22 +2,21 @@
 
 Columns are quantized one at a time in a fixed order (optionally act-order), and after each one the
 not-yet-quantized columns absorb its error through the upper Cholesky factor ``U`` of the damped
-inverse Hessian (`../shared/docs/algorithms.md`, section 1). Updates are applied lazily, a block of
-``blocksize`` columns at a time, exactly as the reference code does.
+inverse Hessian (docs/methods.md, GPTQ §1). Updates are applied lazily, a block of ``blocksize``
+columns at a time, exactly as the reference code does.
 
-Solvers that add least-squares terms beyond GPTQ's (GPTAQ's ``P``, ResComp's ``R``) describe each as a
-`CompensationTerm`: when column ``j`` is frozen, later columns ``k`` receive
+Solvers that add least-squares terms beyond GPTQ's (GPTAQ's ``P``, §2; ResComp's ``R``, §3) describe
+each as a `CompensationTerm`: when column ``j`` is frozen, later columns ``k`` receive
 ``coefficient(v_j) · matrix[j, k]``. Inside a block ``v_j`` is the column's value just before
-quantization; at the block end the value carried to later blocks is chosen by ``carry``:
-``quantized`` (the released GPTAQ/ResComp-org behaviour), ``compensated`` (the block-free math) or
-``clamped`` (ResComp-allw: compensated values clamped to the grid's range).
+quantization; what later blocks see of it is a `FrozenValue`, which the solvers' user-facing options
+(GPTAQ's ``cross_block``, ResComp's ``mode``) name through `FROZEN_VALUES`.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
 import torch
@@ -27,9 +26,29 @@ from torch import Tensor
 from .quantizer import Grid, QuantParams
 from .solver import LayerResult, SolverOptions
 
-log = logging.getLogger(__name__)
+GroupTiming = Literal["block", "fresh"]
 
-Carry = Literal["quantized", "compensated", "clamped"]
+
+class FrozenValue(Enum):
+    """The value of a frozen column that the extra terms of later lazy blocks see. Inside its own block
+    a column always contributes its value just before quantization; the block end is where the
+    references differ from the block-free math."""
+
+    QUANTIZED = "quantized"
+    """q_j: the released GPTAQ code and ResComp ``org``."""
+    COMPENSATED = "compensated"
+    """w_j as it was just before quantization: the block-free math."""
+    CLAMPED = "clamped"
+    """w_j clamped to the range of the grid active at the block's last column: ResComp ``allw``."""
+
+
+FROZEN_VALUES: dict[str, FrozenValue] = {
+    "released": FrozenValue.QUANTIZED,  # GPTAQ cross_block
+    "org": FrozenValue.QUANTIZED,  # ResComp mode
+    "allw": FrozenValue.CLAMPED,  # ResComp mode
+    "exact": FrozenValue.COMPENSATED,  # GPTAQ cross_block and ResComp mode
+}
+"""The solvers' option values for what later blocks see of a frozen column, in one vocabulary."""
 
 
 class NumericalWarning(UserWarning):
@@ -43,7 +62,7 @@ class ColumnOptions(SolverOptions):
     blocksize: int = Field(128, ge=1, description="columns per lazy block update")
     act_order: bool = Field(False, description="quantize columns in order of decreasing diag(H)")
     static_groups: bool = Field(False, description="compute all group grids up front from the original weight")
-    group_timing: Literal["block", "fresh"] = Field(
+    group_timing: GroupTiming = Field(
         "block",
         description="grid of a group that starts inside a lazy block: from the weights as they stood at "
         "the block start (reference) or from the fully compensated weights",
@@ -84,6 +103,21 @@ class PreparedProblem:
 
 
 TermsFactory = Callable[[PreparedProblem], Sequence[CompensationTerm]]
+
+
+def least_squares_absorption(statistic: Tensor, problem: PreparedProblem, scale: float) -> Tensor:
+    """``scale · triu(S · Uᵀ, 1) · U`` for a cross statistic S (original column order):
+    row j is ``scale · S[j, F] · inv(H_d[F, F])`` with F the columns after j in quantization order."""
+    permuted = problem.permute(statistic.to(problem.inverse_factor.dtype))
+    u = problem.inverse_factor
+    return scale * torch.triu(permuted @ u.T, diagonal=1) @ u
+
+
+def asymmetric_term(cross: Tensor, problem: PreparedProblem, alpha: float) -> CompensationTerm:
+    """GPTAQ's P term: column j's residual ``w_j ΔX_j`` absorbed by the columns after it."""
+    cross = cross.clone()
+    cross[:, problem.dead] = 0
+    return CompensationTerm(least_squares_absorption(cross, problem, alpha), lambda values, columns: values)
 
 
 def inverse_hessian_factor(hessian: Tensor, percdamp: float, *, max_tries: int = 8) -> Tensor:
@@ -127,123 +161,214 @@ def solve_columns(
     options: ColumnOptions,
     *,
     terms: TermsFactory | None = None,
-    carry: Carry = "quantized",
+    frozen_value: FrozenValue = FrozenValue.QUANTIZED,
 ) -> LayerResult:
     """Quantize ``weight`` (rows, n) column by column against ``hessian`` (n, n), both already in
-    the dtype the solve should run in. Returns codes and grids in the original column order."""
-    rows, n = weight.shape
-    dtype = hessian.dtype
-    w = weight.to(dtype).clone()
+    the dtype the solve should run in. Returns codes and grids in the original column order.
+
+    Each column j, in quantization order, gets its group's grid, is frozen to ``q_j`` with error
+    ``e_j``, and the rest of its lazy block absorbs that error; at each block end the columns after
+    the block receive what the block's columns owe them (docs/methods.md, GPTQ §1, with the extra
+    terms of GPTAQ §2 and ResComp §3).
+    """
+    w = weight.to(hessian.dtype).clone()
     h = hessian.clone()
     per_row = grid.find_params(w) if grid.group_size == -1 else None  # before dead-zeroing, as the reference
-
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    group = grid.group_size if grid.group_size != -1 else n
-    static = None
-    if options.static_groups and grid.group_size != -1:
-        static = [grid.find_params(w[:, s : s + group]) for s in range(0, n, group)]
-
+    dead = _drop_dead_columns(w, h)
     perm = torch.argsort(torch.diag(h), descending=True) if options.act_order else None
+    grids = ColumnGrids(grid, w, perm, per_row=per_row, static=options.static_groups)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     u = inverse_hessian_factor(h, options.percdamp)
     del h
     problem = PreparedProblem(weight=w.clone(), inverse_factor=u, perm=perm, dead=dead)
-    extra = list(terms(problem)) if terms is not None else []
+    compensation = Compensation(u, list(terms(problem)) if terms is not None else [], frozen_value)
 
-    grids: list[QuantParams] = static if static is not None else ([per_row] if per_row is not None else [])
-    column_grid = [0] * n
-    order = perm.tolist() if perm is not None else list(range(n))
-    low_code, high_code = grid.code_range
+    n = w.shape[1]
     codes = torch.zeros_like(w)
     quantized = torch.zeros_like(w)
-    current = 0
-
-    for i1 in range(0, n, options.blocksize):
-        i2 = min(i1 + options.blocksize, n)
-        block = w[:, i1:i2].clone()
-        # row 0: GPTQ's U; then one row per extra term: a column's updates of the later columns of
-        # its block are one (rows × k) @ (k × rest) product
-        updates = torch.stack([u[i1:i2, i1:i2]] + [term.matrix[i1:i2, i1:i2] for term in extra])
-        q_block = torch.zeros_like(block)
-        err_block = torch.zeros_like(block)
-        pre_block = torch.zeros_like(block) if extra and carry != "quantized" else None
-
-        def carried(done: int) -> Tensor:
-            """Values of the block's first ``done`` frozen columns as later columns see them."""
-            if carry == "quantized" or pre_block is None:
-                return q_block[:, :done]
-            if carry == "compensated":
-                return pre_block[:, :done]
-            low, high = grid.representable_range(grids[column_grid[i1 + done - 1]])
-            return torch.clamp(pre_block[:, :done], low.unsqueeze(1), high.unsqueeze(1))
-
-        def pending(done: int, target: slice) -> Tensor:
-            """Updates the block's first ``done`` frozen columns owe the columns ``target`` (>= i2)."""
-            frozen = slice(i1, i1 + done)
-            update = -err_block[:, :done] @ u[frozen, target]
-            for term in extra:
-                update += term.coefficient(carried(done), frozen) @ term.matrix[frozen, target]
-            return update
-
-        for i in range(i2 - i1):
-            j = i1 + i
-            if static is not None:
-                current = order[j] // group
-            elif grid.group_size != -1 and j % group == 0:
-                grids.append(grid.find_params(_group_source(w, block, j, i, i1, i2, group, options, pending)))
-                current = len(grids) - 1
-            column_grid[j] = current
-            scale, zero = grids[current].scale, grids[current].zero
-
-            col = block[:, i]  # a view: read everything that needs w_j before the updates below
-            col_codes = torch.round(col / scale).add_(zero).clamp_(low_code, high_code)
-            torch.mul(col_codes - zero, scale, out=q_block[:, i])
-            torch.div(col - q_block[:, i], u[j, j], out=err_block[:, i])
-            codes[:, j] = col_codes
-            if pre_block is not None:
-                pre_block[:, i] = col
-            if i + 1 < i2 - i1:
-                column = slice(j, j + 1)
-                coefficients = [-err_block[:, i : i + 1]] + [term.coefficient(col.unsqueeze(1), column) for term in extra]
-                block[:, i + 1 :].addmm_(torch.cat(coefficients, dim=1), updates[:, i, i + 1 :])
-
-        quantized[:, i1:i2] = q_block
-        if i2 < n:
-            w[:, i2:] += pending(i2 - i1, slice(i2, n))
-
-    g_idx = torch.tensor(column_grid, dtype=torch.long, device=w.device)
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        quantized, codes, g_idx = quantized[:, inverse], codes[:, inverse], g_idx[inverse]
-    return LayerResult(
-        weight=quantized.to(weight.dtype),
-        codes=codes.to(torch.int16),
-        scale=torch.stack([g.scale for g in grids], dim=1),
-        zero=torch.stack([g.zero for g in grids], dim=1),
-        g_idx=g_idx,
-        perm=perm,
-    )
+    for start in range(0, n, options.blocksize):
+        block = LazyBlock.open(w, start, min(start + options.blocksize, n), compensation, grids)
+        for j in range(block.start, block.stop):
+            params = choose_grid(grids, j, w, block, options.group_timing)
+            codes[:, j] = quantize_column(block, j, params, grid)
+            update_block(block, j)
+        quantized[:, block.start : block.stop] = block.quantized
+        flush_block(block, w)
+    return grids.result(quantized.to(weight.dtype), codes, perm)
 
 
-def _group_source(
-    w: Tensor,
-    block: Tensor,
-    j: int,
-    i: int,
-    i1: int,
-    i2: int,
-    group: int,
-    options: ColumnOptions,
-    pending: Callable[[int, slice], Tensor],
-) -> Tensor:
-    """The weights a group starting at column ``j`` takes its grid from."""
-    end = min(j + group, w.shape[1])
-    if options.group_timing == "block":
+@dataclass(frozen=True)
+class Compensation:
+    """How a frozen column's error reaches the columns after it: GPTQ's ``U``, the solver's extra
+    terms, and what the terms of later blocks see of the frozen column."""
+
+    factor: Tensor
+    terms: Sequence[CompensationTerm]
+    frozen_value: FrozenValue
+
+
+@dataclass
+class LazyBlock:
+    """Columns ``start:stop`` of the quantization order while they are frozen one by one; the columns
+    after the block receive their updates only when it is flushed (docs/methods.md, GPTQ §1: lazy
+    batch)."""
+
+    start: int
+    stop: int
+    values: Tensor
+    """W1: the block's columns, compensated by the block's columns frozen before them."""
+    quantized: Tensor
+    """q_j of the frozen columns."""
+    errors: Tensor
+    """E: ``e_j = (w_j − q_j) / U_jj`` of the frozen columns."""
+    before: Tensor | None
+    """w_j just before quantization, kept when the extra terms of later blocks see it."""
+    inside: Tensor
+    """(1 + terms, k, k): the block's diagonal blocks of U and of each term's matrix, stacked so that
+    one product applies all of a column's in-block updates."""
+    compensation: Compensation
+    grids: ColumnGrids
+
+    @classmethod
+    def open(cls, w: Tensor, start: int, stop: int, compensation: Compensation, grids: ColumnGrids) -> LazyBlock:
+        values = w[:, start:stop].clone()
+        terms = compensation.terms
+        keeps_before = bool(terms) and compensation.frozen_value is not FrozenValue.QUANTIZED
+        return cls(
+            start=start,
+            stop=stop,
+            values=values,
+            quantized=torch.zeros_like(values),
+            errors=torch.zeros_like(values),
+            before=torch.zeros_like(values) if keeps_before else None,
+            inside=torch.stack([compensation.factor[start:stop, start:stop]] + [t.matrix[start:stop, start:stop] for t in terms]),
+            compensation=compensation,
+            grids=grids,
+        )
+
+    def frozen_values(self, done: int) -> Tensor:
+        """The block's first ``done`` frozen columns as the terms of the columns after the block see them."""
+        if self.compensation.frozen_value is FrozenValue.QUANTIZED:
+            return self.quantized[:, :done]
+        if self.compensation.frozen_value is FrozenValue.COMPENSATED or done == 0:  # none frozen: no grid to clamp to
+            return self.before[:, :done]
+        low, high = self.grids.representable_range(self.start + done - 1)
+        return torch.clamp(self.before[:, :done], low.unsqueeze(1), high.unsqueeze(1))
+
+    def pending(self, done: int, target: slice) -> Tensor:
+        """What the block's first ``done`` frozen columns owe the columns ``target`` after the block:
+        ``−E · U[frozen, target]`` plus each term's ``coefficient · matrix[frozen, target]``."""
+        frozen = slice(self.start, self.start + done)
+        update = -self.errors[:, :done] @ self.compensation.factor[frozen, target]
+        for term in self.compensation.terms:
+            update += term.coefficient(self.frozen_values(done), frozen) @ term.matrix[frozen, target]
+        return update
+
+
+def choose_grid(grids: ColumnGrids, j: int, w: Tensor, block: LazyBlock, timing: GroupTiming) -> QuantParams:
+    """The grid column j is quantized on; a group that starts at j gets a new one from its weights."""
+    if grids.starts_group(j):
+        end = min(j + grids.size, w.shape[1])
+        grids.params.append(grids.grid.find_params(group_source(w, block, j, end, timing)))
+    return grids.use(j)
+
+
+def group_source(w: Tensor, block: LazyBlock, j: int, end: int, timing: GroupTiming) -> Tensor:
+    """The weights the group ``j:end`` takes its grid from (docs/methods.md, GPTQ §1: groups): as they
+    stood at the start of the current lazy block (``block``, the reference), or compensated by every
+    column frozen so far (``fresh``)."""
+    if timing == "block":
         return w[:, j:end]
-    inside = block[:, i : min(end, i2) - i1]
-    if end <= i2:
+    inside = block.values[:, j - block.start : min(end, block.stop) - block.start]
+    if end <= block.stop:
         return inside
-    return torch.cat([inside, w[:, i2:end] + pending(i, slice(i2, end))], dim=1)
+    return torch.cat([inside, w[:, block.stop : end] + block.pending(j - block.start, slice(block.stop, end))], dim=1)
+
+
+def quantize_column(block: LazyBlock, j: int, params: QuantParams, grid: Grid) -> Tensor:
+    """Freeze column j: its codes, ``q_j`` and ``e_j = (w_j − q_j) / U_jj`` (docs/methods.md, GPTQ §1)."""
+    i = j - block.start
+    column = block.values[:, i]
+    low, high = grid.code_range
+    codes = torch.round(column / params.scale).add_(params.zero).clamp_(low, high)
+    torch.mul(codes - params.zero, params.scale, out=block.quantized[:, i])
+    torch.div(column - block.quantized[:, i], block.compensation.factor[j, j], out=block.errors[:, i])
+    if block.before is not None:
+        block.before[:, i] = column
+    return codes
+
+
+def update_block(block: LazyBlock, j: int) -> None:
+    """The block's columns after j absorb frozen column j: ``−e_j · U[j, k]`` and, for each extra term,
+    ``coefficient(w_j) · matrix[j, k]`` (docs/methods.md, GPTQ §1, GPTAQ §2, ResComp §3)."""
+    if j + 1 == block.stop:
+        return
+    i = j - block.start
+    coefficients = [-block.errors[:, i : i + 1]]
+    if block.compensation.terms:  # GPTQ alone needs no view of w_j
+        column = block.values[:, i : i + 1]
+        coefficients += [term.coefficient(column, slice(j, j + 1)) for term in block.compensation.terms]
+    block.values[:, i + 1 :].addmm_(torch.cat(coefficients, dim=1), block.inside[:, i, i + 1 :])
+
+
+def flush_block(block: LazyBlock, w: Tensor) -> None:
+    """The columns after the block receive what its frozen columns owe them."""
+    if block.stop < w.shape[1]:
+        w[:, block.stop :] += block.pending(block.stop - block.start, slice(block.stop, w.shape[1]))
+
+
+class ColumnGrids:
+    """The grids of one solve and the grid of each column (docs/methods.md §0; GPTQ §1: groups, static
+    groups): one per row; one per static group, computed up front from the dead-zeroed weight in
+    original column order; or one per group of the quantization order, computed when its first
+    column is reached."""
+
+    def __init__(self, grid: Grid, weight: Tensor, perm: Tensor | None, *, per_row: QuantParams | None, static: bool) -> None:
+        n = weight.shape[1]
+        self.grid = grid
+        self.size = n if grid.group_size == -1 else grid.group_size
+        self.static = static and grid.group_size != -1
+        self.params: list[QuantParams] = [per_row] if per_row is not None else []
+        if self.static:
+            self.params = [grid.find_params(weight[:, s : s + self.size]) for s in range(0, n, self.size)]
+            self.order = perm.tolist() if perm is not None else list(range(n))
+        self.of_column = [0] * n
+
+    def starts_group(self, j: int) -> bool:
+        """Column j opens a group whose grid is computed now."""
+        return not self.static and self.grid.group_size != -1 and j % self.size == 0
+
+    def use(self, j: int) -> QuantParams:
+        """The grid of column j: its static group's, or the newest one."""
+        index = self.order[j] // self.size if self.static else len(self.params) - 1
+        self.of_column[j] = index
+        return self.params[index]
+
+    def representable_range(self, j: int) -> tuple[Tensor, Tensor]:
+        """Per row, the smallest and largest value the grid of column j can express."""
+        return self.grid.representable_range(self.params[self.of_column[j]])
+
+    def result(self, quantized: Tensor, codes: Tensor, perm: Tensor | None) -> LayerResult:
+        """The solve's outcome in the original column order."""
+        g_idx = torch.tensor(self.of_column, dtype=torch.long, device=codes.device)
+        if perm is not None:
+            inverse = torch.argsort(perm)
+            quantized, codes, g_idx = quantized[:, inverse], codes[:, inverse], g_idx[inverse]
+        return LayerResult(
+            weight=quantized,
+            codes=codes.to(torch.int16),
+            scale=torch.stack([g.scale for g in self.params], dim=1),
+            zero=torch.stack([g.zero for g in self.params], dim=1),
+            g_idx=g_idx,
+            perm=perm,
+        )
+
+
+def _drop_dead_columns(w: Tensor, h: Tensor) -> Tensor:
+    """Inputs that never fire (``H_jj = 0``) get ``H_jj = 1`` and a zero weight column, in place
+    (docs/methods.md §0); returns their mask."""
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    return dead

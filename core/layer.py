@@ -10,7 +10,7 @@ from torch import Tensor
 from .config import GridConfig
 from .plugin_manager import registry_for
 from .solver import LayerResult
-from .statistics import Statistic, StatisticsAccumulator
+from .statistics import StatisticsAccumulator, needs_fp_inputs
 
 GRID_OPTIONS = ("clip", "convention")
 
@@ -44,9 +44,10 @@ def quantize_layer(
     if wanted:
         if inputs is None:
             raise ValueError(f"solver {solver!r} needs calibration inputs")
-        if Statistic.CROSS in wanted and fp_inputs is None:
+        takes_fp_inputs = needs_fp_inputs(wanted)
+        if takes_fp_inputs and fp_inputs is None:
             raise ValueError(f"solver {solver!r} with these options needs fp_inputs (the full-precision model's inputs)")
         accumulator = StatisticsAccumulator(weight.shape[1], wanted, dtype=stats_dtype, device=weight.device)
-        accumulator.add(inputs, fp_inputs if Statistic.CROSS in wanted else None)
+        accumulator.add(inputs, fp_inputs if takes_fp_inputs else None)
         stats = accumulator.result()
     return chosen.solve(weight, stats, grid, solver_options)

@@ -51,7 +51,8 @@ class Solver(ABC):
 
     @abstractmethod
     def statistics(self, options: SolverOptions) -> frozenset[Statistic]:
-        """The statistics the calibration loop must collect for this solver with these options."""
+        """The statistics the calibration loop must collect for this solver with these options: the
+        built-in `Statistic.HESSIAN` and `Statistic.CROSS`, or statistics of the solver's own."""
 
     @abstractmethod
     def solve(self, weight: Tensor, stats: LayerStatistics | None, grid: Grid, options: SolverOptions) -> LayerResult:

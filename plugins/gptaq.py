@@ -2,18 +2,17 @@
 
 The quantized layer sees the quantized-path inputs X but must reproduce the full-precision output on
 the full-precision inputs X̃. Neuron decomposition turns the residual ``W(X̃ − X)`` into one extra
-compensation term per frozen column (algorithms.md §2):
+compensation term per frozen column (docs/methods.md, GPTAQ §2):
 ``P = α · triu(dXXT · Uᵀ, 1) · U``, later columns receiving ``w_j · P[j, F]``.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..core.columns import ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from ..core.columns import FROZEN_VALUES, ColumnOptions, asymmetric_term, solve_columns
 from ..core.plugin_manager import hookimpl
 from ..core.quantizer import Grid
 from ..core.solver import LayerResult, Solver
@@ -27,21 +26,6 @@ class GPTAQOptions(ColumnOptions):
         description="value of a frozen column that later lazy blocks see in the P term: its quantized value "
         "(the released code) or its compensated value before quantization (the block-free math)",
     )
-
-
-def least_squares_absorption(statistic: Tensor, problem: PreparedProblem, scale: float) -> Tensor:
-    """``scale · triu(S · Uᵀ, 1) · U`` for a cross statistic S (original column order):
-    row j is ``scale · S[j, F] · inv(H_d[F, F])`` with F the columns after j in quantization order."""
-    permuted = problem.permute(statistic.to(problem.inverse_factor.dtype))
-    u = problem.inverse_factor
-    return scale * torch.triu(permuted @ u.T, diagonal=1) @ u
-
-
-def asymmetric_term(cross: Tensor, problem: PreparedProblem, alpha: float) -> CompensationTerm:
-    """GPTAQ's P term: column j's residual ``w_j ΔX_j`` absorbed by the columns after it."""
-    cross = cross.clone()
-    cross[:, problem.dead] = 0
-    return CompensationTerm(least_squares_absorption(cross, problem, alpha), lambda values, columns: values)
 
 
 class GPTAQ(Solver):
@@ -60,7 +44,7 @@ class GPTAQ(Solver):
             grid,
             options,
             terms=lambda problem: [asymmetric_term(stats.cross, problem, options.alpha)],
-            carry="quantized" if options.cross_block == "released" else "compensated",
+            frozen_value=FROZEN_VALUES[options.cross_block],
         )
 
 

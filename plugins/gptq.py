@@ -11,7 +11,7 @@ from ..core.statistics import LayerStatistics, Statistic
 
 
 class GPTQ(Solver):
-    """argmin_Q ‖WX − QX‖², one column at a time, the rest compensating (algorithms.md §1)."""
+    """argmin_Q ‖WX − QX‖², one column at a time, the rest compensating (docs/methods.md, GPTQ §1)."""
 
     Options = ColumnOptions
     rows_independent = True

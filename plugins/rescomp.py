@@ -2,8 +2,8 @@
 
 At every column step the target is the original full-precision output, not the output of the
 already-compensated weights: the residual gains the compensation-aware error ``(w₀_j − w_j) X̃_j``,
-absorbed by the later columns through ``R = α₂ · triu(X̃Xᵀ · Uᵀ, 1) · U`` (algorithms.md §3), on top
-of either base:
+absorbed by the later columns through ``R = α₂ · triu(X̃Xᵀ · Uᵀ, 1) · U`` (docs/methods.md, ResComp
+§3), on top of either base:
 
 * ``base: gptaq`` (the released code): GPTAQ's P term too, and ``X̃Xᵀ = dXXT + H``;
 * ``base: gptq`` (our reading; the authors have not released it): X̃ = X, so no P term and
@@ -20,14 +20,19 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..core.columns import Carry, ColumnOptions, CompensationTerm, PreparedProblem, solve_columns
+from ..core.columns import (
+    FROZEN_VALUES,
+    ColumnOptions,
+    CompensationTerm,
+    PreparedProblem,
+    asymmetric_term,
+    least_squares_absorption,
+    solve_columns,
+)
 from ..core.plugin_manager import hookimpl
 from ..core.quantizer import Grid
 from ..core.solver import LayerResult, Solver
 from ..core.statistics import LayerStatistics, Statistic
-from .gptaq import asymmetric_term, least_squares_absorption
-
-CARRY: dict[str, Carry] = {"org": "quantized", "allw": "clamped", "exact": "compensated"}
 
 
 class ResCompOptions(ColumnOptions):
@@ -67,7 +72,7 @@ class ResComp(Solver):
 
     def solve(self, weight: Tensor, stats: LayerStatistics | None, grid: Grid, options: ResCompOptions) -> LayerResult:
         if stats is None or (options.base == "gptaq" and stats.cross is None):
-            raise ValueError(f"ResComp on {options.base} needs {', '.join(sorted(self.statistics(options)))} statistics")
+            raise ValueError(f"ResComp on {options.base} needs {', '.join(sorted(s.name for s in self.statistics(options)))} statistics")
         # X̃Xᵀ from the undamped H, before the dead-column fix, as released
         fp_cross_input = stats.hessian + stats.cross if options.base == "gptaq" else stats.hessian
 
@@ -77,8 +82,8 @@ class ResComp(Solver):
                 extra.insert(0, asymmetric_term(stats.cross, problem, options.alpha))
             return extra
 
-        carry = CARRY[options.resolved_mode(grid.bits)]
-        return solve_columns(weight, stats.hessian, grid, options, terms=terms, carry=carry)
+        frozen_value = FROZEN_VALUES[options.resolved_mode(grid.bits)]
+        return solve_columns(weight, stats.hessian, grid, options, terms=terms, frozen_value=frozen_value)
 
 
 @hookimpl

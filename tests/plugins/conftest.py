@@ -1,5 +1,5 @@
 """A slow, obviously-correct float64 reference of the compensation solvers' equations
-(algorithms.md §1–3, with the reference behaviours of §11): column by column, with explicit inverses
+(docs/methods.md §1–3): column by column, with explicit inverses
 of the remaining-columns Hessian, no U factor and no lazy-block algebra. Lazy blocks appear only where
 the released code's behaviour depends on them: which value of a frozen column later blocks see, and
 which weights a group's grid is taken from."""

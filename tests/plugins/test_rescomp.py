@@ -68,3 +68,16 @@ def test_meaningless_combination_is_a_clear_error(asymmetric_layer):
     weight, inputs, _ = asymmetric_layer()
     with pytest.raises(ValueError, match="alpha.*base gptq"):
         quantize_layer(weight, inputs, solver="rescomp", base="gptq", alpha=0.5)
+
+
+@pytest.mark.parametrize("base", ["gptaq", "gptq"])
+def test_allw_with_fresh_grids_of_groups_wider_than_the_lazy_block(asymmetric_layer, layer_statistics, reference, base):
+    """The first group opens a block before any column is frozen, so there is no grid to clamp to yet."""
+    weight, inputs, fp_inputs = asymmetric_layer()
+    options = dict(blocksize=32, group_timing="fresh")
+    result = quantize_layer(weight, inputs, solver="rescomp", fp_inputs=fp_inputs if base == "gptaq" else None, bits=3,
+                            group_size=64, base=base, mode="allw", **F64, **options)
+    hessian, cross = layer_statistics(inputs, fp_inputs)
+    expected = reference(weight, hessian, Grid(bits=3, group_size=64), cross=cross if base == "gptaq" else None, alpha2=0.25,
+                         fp_cross_input=hessian + cross if base == "gptaq" else hessian, carry="clamped", **options)
+    assert torch.equal(result.codes.double(), expected)
