@@ -65,6 +65,7 @@ def test_missing_data_file_is_a_clear_error_and_writes_nothing(model_dir, tmp_pa
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     output = tmp_path / "out"
+    (tmp_path / "no-data").mkdir()
     assert main(quantize_args(model_dir, tmp_path / "no-data", output)) == 2
     assert "wikitext-2/wiki.valid.tokens" in capsys.readouterr().err
     assert not output.exists()
