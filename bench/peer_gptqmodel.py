@@ -11,7 +11,10 @@ how it is built) and imports only gptqmodel, torch, transformers, the standard l
         --group-size 64 --percdamp 0.01 --batch-size 8 --threads 2 [--gptaq] --output OUT --result OUT.json
 
 Writes the quantized model to ``--output`` (GPTQModel's GPTQ format, which `compquant.load_model`
-reads) and, last, ``--result``: quantization wall time, peak RSS and versions.
+reads) and, last, ``--result``: quantization wall time, peak RSS and versions. GPTQModel also writes
+a ``logs/`` folder into the working directory: run it from a scratch folder. Measured on a 2-layer
+tiny Llama (hidden 128, 8 x 64 tokens, 2 threads): it runs; its first quantization in a fresh
+environment took 223 s, mostly compiling its CPU extensions, a GPTAQ run after it 10 s.
 """
 from __future__ import annotations
 
