@@ -7,6 +7,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.gptq",
     "compquant.plugins.gptaq",
     "compquant.plugins.rescomp",
+    "compquant.plugins.hadamard",
     "compquant.plugins.quarot",
     "compquant.plugins.spinquant",
     "compquant.plugins.exporters.compressed_tensors",

@@ -1,14 +1,24 @@
-"""The ``compquant`` command line: quantize, eval, compare, plugins."""
+"""The ``compquant`` command line: quantize, eval, compare, plugins.
+
+Every mistake in the input ends the same way: exit status 2 and one ``error:`` line that names the
+problem and the fix (and the file, where a file is the problem), with nothing written. Ctrl-C and
+SIGTERM end with one line saying what was kept and the command that resumes.
+"""
 from __future__ import annotations
 
 import argparse
 import errno
 import json
 import logging
+import os
+import shlex
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import ValidationError
@@ -19,35 +29,140 @@ from .core.errors import CompquantError
 log = logging.getLogger("compquant")
 
 DEFAULT_MODEL = "smollm2-135m"
+#: errno values that mean the disk or its permissions, not the input, stopped a write.
+DISK_ERRORS = (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EFBIG)
+
+
+class Stopped(BaseException):
+    """SIGTERM, raised where the process is so that every clean-up (staging folder, lock) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed as one line
+        return int(done.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    if args.threads:
+    if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    try:
-        return args.run(args)
-    except ValidationError as error:
-        print(f"error: invalid configuration:\n{error}", file=sys.stderr)
-    except (CompquantError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
-            raise
-        print(f"error: {error.strerror} while writing {error.filename or 'a file'}; free space or fix the "
-              "permissions, then run the same command again (finished blocks are kept and resumed)", file=sys.stderr)
+    with _signals_raise(), _foreign_progress_bars_off_a_terminal():
+        try:
+            return args.run(args)
+        except (KeyboardInterrupt, Stopped) as stop:
+            signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+            print(_stopped_message(args, argv, signal.Signals(signum).name), file=sys.stderr)
+            return 128 + signum
+        except ValidationError as error:
+            from .core.options import describe_validation_error
+
+            _error(describe_validation_error(error, "invalid configuration", QuantConfig))
+        except (CompquantError, ValueError, FileNotFoundError, ArithmeticError) as error:
+            _error(str(error))
+        except OSError as error:
+            if error.errno not in DISK_ERRORS:
+                raise
+            again = ("run the same command again (finished blocks are kept and resumed)"
+                     if getattr(args, "resume_dir", None) else "run the same command again")
+            _error(f"{error.strerror} while writing {error.filename or 'a file'}; free space or fix the permissions, "
+                   f"then {again}")
     return 2
 
 
+def _error(message: str) -> None:
+    """One ``error:`` line, however many lines the message had."""
+    print("error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()), file=sys.stderr)
+
+
+def _stopped_message(args: argparse.Namespace, argv: list[str], name: str) -> str:
+    """What a stopped run kept, and the command that continues it."""
+    from .core.checkpoint import finished_blocks
+
+    command = shlex.join(["compquant", *argv])
+    resume_dir = getattr(args, "resume_dir", None)
+    if args.command != "quantize":
+        return f"stopped by {name}; nothing was written. Run it again with: {command}"
+    if resume_dir is None:
+        why = "--low-memory does not resume" if args.low_memory else "--no-resume"
+        return f"stopped by {name}; no blocks are kept ({why}), nothing was written. Start over with: {command}"
+    done = finished_blocks(resume_dir)
+    if not done:
+        return f"stopped by {name} before the first block was finished; nothing was written. Start again with: {command}"
+    return (f"stopped by {name}; the {done} finished blocks are kept in {resume_dir}. Resume with the same command: "
+            f"{command}")
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM raises `Stopped` for the duration (as Ctrl-C raises KeyboardInterrupt), so that a run
+    ended by a scheduler cleans up and says so; the previous handler comes back afterwards."""
+    def stop(signum: int, frame: Any) -> NoReturn:
+        raise Stopped(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _foreign_progress_bars_off_a_terminal() -> Iterator[None]:
+    """Off a terminal, the libraries' own progress bars (transformers' "Loading weights", the hub's
+    downloads) would write carriage-return bars into a log; compquant logs progress lines instead."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from unittest import mock
+
+    loaded = "transformers" in sys.modules  # else the variable reaches it when it is imported
+    if loaded:
+        from transformers.utils import logging as transformers_logging
+
+        enabled = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+    try:
+        with mock.patch.dict(os.environ, {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+            yield
+    finally:
+        if loaded and enabled:
+            transformers_logging.enable_progress_bar()
+
+
 # ---------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one ``error:`` line that points at the help."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 and negatives are refused, not taken as a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compquant", description="Weight-only post-training quantization.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="compquant", description="Weight-only post-training quantization.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     quantize = commands.add_parser("quantize", help="quantize a model and save it")
     quantize.add_argument("model", nargs="?", help=f"local folder, .gguf file, hub name or preset ({DEFAULT_MODEL})")
@@ -55,10 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--output", "-o", help="folder to create for the quantized model (must not exist)")
     quantize.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
     quantize.add_argument("--format", default="auto",
-                          help="export format: auto (default: compressed-tensors where it can express the run, "
-                               "else gptq, else fake) or any registered exporter (`compquant plugins` lists them)")
+                          help="export format: auto (default: the first of compressed-tensors, gptq, gptq-v2 and fake "
+                               "that can express the run) or any registered exporter (`compquant plugins` lists them)")
     quantize.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                          help="dtype of the written scales and unquantized weights (default: the model's)")
+                          help="dtype of the written scales and unquantized weights (default: the source checkpoint's)")
     quantize.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing compquant output folder")
     quantize.add_argument("--no-resume", action="store_true",
@@ -75,9 +190,10 @@ def _parser() -> argparse.ArgumentParser:
                           "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada_openai (language models)")
     evaluate.add_argument("--imagefolder", help="top-1 accuracy on this image folder, one sub-folder per class (vision models)")
     evaluate.add_argument("--checkpoint", help="local weights (safetensors or .pth) for a timm:NAME model")
-    evaluate.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    evaluate.add_argument("--limit", type=int, help="evaluate at most this many windows, images, or documents per task")
-    evaluate.add_argument("--batch-size", type=int,
+    evaluate.add_argument("--seqlen", type=positive_int, default=2048, help="tokens per window (default 2048)")
+    evaluate.add_argument("--limit", type=positive_int,
+                          help="evaluate at most this many windows, images, or documents per task")
+    evaluate.add_argument("--batch-size", type=positive_int,
                           help="windows (default 1), images (default 256) or task requests (default 8) per forward pass")
     evaluate.add_argument("--transform", action="append", default=[], help="apply a transform first (repeatable)")
     evaluate.add_argument("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
@@ -93,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to compare on (default {DEFAULT_MODEL})")
     _quant_options(compare)
     compare.add_argument("--solvers", default="rtn,gptq", help="comma-separated solvers (default rtn,gptq)")
-    compare.add_argument("--eval-seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    compare.add_argument("--eval-seqlen", type=positive_int, default=512, help="evaluation window length (default 512)")
     compare.add_argument("--eval-limit", type=int, default=64, help="evaluation windows (default 64; 0 for all)")
     compare.add_argument("--json", help="also write the table to this JSON file")
     compare.set_defaults(run=_run_compare)
@@ -103,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for command in (quantize, evaluate, compare, plugins):
         command.add_argument("--quiet", "-q", action="store_true", help="only warnings and results")
-        command.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+        command.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -131,9 +247,9 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     _transform_check_options(parser)
     add("--adapter", help="architecture adapter (default: detected)")
     add("--calib", help="calibration dataset (default wikitext2)")
-    add("--nsamples", type=int, help="calibration windows")
-    add("--seqlen", type=int, help="tokens per calibration window")
-    add("--batch-size", type=int, help="calibration windows per forward pass")
+    add("--nsamples", type=positive_int, help="calibration windows")
+    add("--seqlen", type=positive_int, help="tokens per calibration window")
+    add("--batch-size", type=positive_int, help="calibration windows per forward pass")
     add("--sequential", choices=["groups", "blocks"],
         help="statistics per group after the earlier groups are quantized (groups, default) or of all groups "
              "from one pass of the unquantized block (blocks: fewer forward passes, as llm-compressor)")
@@ -213,58 +329,104 @@ def transform_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 # -------------------------------------------------------------------------------------- commands
 def _run_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    from .api import quantize, quantize_low_memory
-    from .core.exporters import check_format
-    from .core.pipeline import check_plugins, needs_calibration
+    from .core.exporters import check_format, shard_size_bytes
+    from .core.lock import exclusive
+    from .core.pipeline import check_plugins, needs_calibration, resolve_device
     from .core.plugin_manager import registry_for
-    from .core.saving import check_output, needed_bytes, save_quantized
+    from .core.saving import check_output
     from .evaluation.datasets import check_dataset
-    from .models.loading import load_model, resolve_model_path
+    from .models.loading import resolve_model_path
 
     config = build_config(args)
     if config.model is None:
         raise ValueError(f"name a model to quantize (a folder, .gguf file, hub name or the preset {DEFAULT_MODEL})")
     if config.output is None:
         raise ValueError("name the output folder with --output DIR (it must not exist yet)")
+    # everything the config and the command line tell is checked before the model loads
     registry = registry_for(None)
     check_plugins(config, registry)
     check_format(args.format, registry)
+    shard_size_bytes(args.max_shard_size)
+    resolve_device(config.device)
     if needs_calibration(config, registry):
         check_dataset(config.calibration.dataset, "calibration", config.data_dir)
     source = resolve_model_path(config.model)
     output = check_output(config.output, source, overwrite=args.overwrite)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    args.resume_dir = None if args.no_resume or args.low_memory else output.parent / f".{output.name}.compquant-resume"
+    with exclusive(output):  # one run per output (and its resume folder), for the whole run
+        return _quantize_locked(args, config, source, output, registry)
+
+
+def _quantize_locked(args: argparse.Namespace, config: QuantConfig, source: Path | None, output: Path,
+                     registry: Any) -> int:
+    import torch
+
+    from .api import quantize, quantize_low_memory
+    from .core.checkpoint import checkpoint_bytes
+    from .core.exporters import check_planned_export
+    from .core.pipeline import planned_export
+    from .core.saving import check_output, needed_bytes, save_quantized
+    from .models.loading import load_model
+
+    loaded = load_model(config.model, checkpoint=args.checkpoint, low_memory=args.low_memory)
+    dtype = _export_dtype(args, loaded)
+    check_planned_export(args.format, planned_export(loaded.model, config, registry, dtype, args.max_shard_size), registry)
     if args.low_memory:
-        loaded = load_model(config.model, low_memory=True)
         report = quantize_low_memory(loaded.model, loaded.weights, config, output, tokenizer=loaded.tokenizer,
                                      format=args.format, dtype=dtype, max_shard_size=args.max_shard_size,
                                      overwrite=args.overwrite)
-        print(f"saved {config.solver} W{config.grid.bits} model to {output} block by block "
-              f"({len(report.layers)} linears, {report.seconds:.1f} s)")
+        _print_saved(config, output, report, "block by block")
         return 0
-    loaded = load_model(config.model, checkpoint=args.checkpoint)
+    needed = needed_bytes(loaded.model, dtype, resume=args.resume_dir is not None)
     check_output(output, source, overwrite=args.overwrite,
-                 needed_bytes=needed_bytes(loaded.model, dtype, resume=not args.no_resume))
-    resume_dir = None if args.no_resume else output.parent / f".{output.name}.compquant-resume"
-    report = quantize(loaded.model, config, tokenizer=loaded.tokenizer, resume_dir=resume_dir)
-    saved = save_quantized(loaded.model, loaded.tokenizer, output, config=config, report=report, source=source,
-                           format=args.format, overwrite=args.overwrite, dtype=dtype, max_shard_size=args.max_shard_size)
-    if resume_dir is not None:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    error = report.mean_relative_error
-    print(f"saved {config.solver} W{config.grid.bits} model to {saved} "
-          f"({len(report.layers)} linears, mean relative error {'n/a' if error is None else f'{error:.4f}'}, "
-          f"{report.seconds:.1f} s)")
+                 needed_bytes=needed - (checkpoint_bytes(args.resume_dir) if args.resume_dir else 0))
+    report = quantize(loaded.model, config, tokenizer=loaded.tokenizer, resume_dir=args.resume_dir)
+    save_quantized(loaded.model, loaded.tokenizer, output, config=config, report=report, source=source,
+                   format=args.format, overwrite=args.overwrite, dtype=dtype, max_shard_size=args.max_shard_size)
+    if args.resume_dir is not None:
+        shutil.rmtree(args.resume_dir, ignore_errors=True)
+    _print_saved(config, output, report, f"{report.seconds:.1f} s")
     return 0
+
+
+def _export_dtype(args: argparse.Namespace, loaded: Any) -> Any:
+    """``--dtype``, else the dtype the source checkpoint stores (a float16 model stays float16 on
+    disk, though it is quantized in float32)."""
+    import torch
+
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    if loaded.source_dtype is not None:
+        log.info("writing %s tensors, the source checkpoint's dtype (--dtype to choose another)",
+                 str(loaded.source_dtype).removeprefix("torch."))
+    return loaded.source_dtype
+
+
+def _print_saved(config: QuantConfig, output: Path, report: Any, how: str) -> None:
+    """The final line: what was saved where, in which format, and its size on disk."""
+    from .core.saving import REPORT_FILE
+
+    export = json.loads((output / REPORT_FILE).read_text()).get("export", {})
+    size = sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
+    error = report.mean_relative_error
+    print(f"saved {config.solver} W{config.grid.bits} model to {output} as {export.get('format')} "
+          f"({_size(size)} on disk, {export.get('dtype')} tensors; {len(report.layers)} linears, mean relative error "
+          f"{'n/a' if error is None else f'{error:.4f}'}; {how})")
+
+
+def _size(count: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .core.dataset import resolve_data_dir
     from .core.pipeline import apply_transforms, check_transforms, resolve_device
     from .core.plugin_manager import registry_for
-    from .core.saving import write_text_atomic
+    from .core.saving import check_writable_file, write_text_atomic
     from .core.transform import TransformContext
     from .evaluation.datasets import check_dataset
     from .evaluation.task_configs import check_tasks
@@ -277,8 +439,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks) if args.tasks is not None else []
     if tasks:  # likewise on a task without a local copy, a missing data file, or no lm-eval
         check_tasks(tasks, resolve_data_dir(args.data_dir))
-    if args.ppl:
-        check_dataset(args.ppl, "evaluation", args.data_dir)
+    if args.ppl or not (tasks or args.imagefolder):
+        check_dataset(args.ppl or "wikitext2", "evaluation", args.data_dir)
+    if args.json:
+        check_writable_file(args.json, "--json")
     device = resolve_device(args.device)
     loaded = load_model(args.model, checkpoint=args.checkpoint)
     model = loaded.model.to(device).eval()
@@ -331,9 +495,9 @@ def _evaluate_language_model(args: argparse.Namespace, model: Any, loaded: Any, 
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .core.pipeline import check_plugins
+    from .core.pipeline import check_plugins, resolve_device
     from .core.plugin_manager import registry_for
-    from .core.saving import write_text_atomic
+    from .core.saving import check_writable_file, write_text_atomic
     from .evaluation.compare import EVALUATION_DATASET, compare
     from .evaluation.datasets import check_dataset
 
@@ -343,6 +507,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         check_plugins(config.model_copy(update={"solver": solver, "solver_options": {}}), registry_for(None))
     check_dataset(config.calibration.dataset, "calibration", config.data_dir)
     check_dataset(EVALUATION_DATASET, "evaluation", config.data_dir)
+    resolve_device(config.device)
+    if args.json:
+        check_writable_file(args.json, "--json")
     result = compare(
         config.model or DEFAULT_MODEL,
         config,

@@ -16,23 +16,17 @@ complete) and, last, ``--result``: quantization wall time, peak RSS and versions
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
-from process_memory import rss_mib  # bench/process_memory.py, beside this script
+from peer_common import peer_parser, start, write_result  # bench/peer_common.py, beside this script
+from process_memory import rss_mib
 
 VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "accelerate")
-
-
-def versions() -> dict[str, str]:
-    return {"python": platform.python_version(), **{name: version(name) for name in VERSIONED}}
 
 
 def recipe(args: argparse.Namespace):
@@ -59,17 +53,8 @@ def recipe(args: argparse.Namespace):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", required=True, help="full-precision model folder (save_pretrained)")
-    parser.add_argument("--calibration", required=True, help="torch.save'd (nsamples, seqlen) int64 token ids")
-    parser.add_argument("--bits", type=int, required=True)
-    parser.add_argument("--group-size", type=int, required=True)
-    parser.add_argument("--percdamp", type=float, required=True)
+    parser = peer_parser(__doc__)
     parser.add_argument("--blocksize", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--output", required=True, help="folder for the quantized model (must not exist)")
-    parser.add_argument("--result", required=True, help="JSON file for time, memory and versions")
     parser.add_argument("--sequential-targets", default=None,
                         help="comma-separated module classes or names that end a calibration subgraph (default: "
                              "llm-compressor's choice, the decoder layer); 'Linear' makes it true-sequential, "
@@ -78,19 +63,13 @@ def main() -> int:
                         help="save dense fake-quantized weights instead of the compressed-tensors packing")
     args = parser.parse_args()
 
+    output, tokens, started = start(args)
     import torch
 
-    torch.set_num_threads(args.threads)
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    output = Path(args.output)
-    if output.exists():
-        print(f"output {output} already exists; remove it or choose another", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    tokens = torch.load(args.calibration)
     nsamples, seqlen = tokens.shape
     # The windows are complete sequences of equal length: every token is attended, no padding.
     dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
@@ -124,21 +103,8 @@ def main() -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result = {
-        "tool": "llmcompressor",
-        "quantize_seconds": quantized - loaded,
-        "load_seconds": loaded - started,
-        "process_seconds": time.perf_counter() - started,
-        "peak_rss_mib": peak_after_quantize,
-        "rss_before_quantize_mib": rss_loaded,
-        "peak_rss_mib_with_save": rss_mib(),
-        "quantized_layers": len(layers),
-        "saved_compressed": not args.save_decompressed,
-        "versions": versions(),
-        "threads": torch.get_num_threads(),
-    }
-    Path(args.result).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    write_result(args.result, "llmcompressor", VERSIONED, (started, loaded, quantized), rss_loaded, peak_after_quantize,
+                 torch.get_num_threads(), quantized_layers=len(layers), saved_compressed=not args.save_decompressed)
     return 0
 
 

@@ -36,9 +36,6 @@ class FakeQuantizeKeys(OnlineOp):
         super().__init__()
         self.grid = Grid(bits=bits, group_size=-1)
 
-    def init_kwargs(self) -> dict[str, int]:
-        return {"bits": self.grid.bits}
-
     def forward(self, keys: Tensor) -> Tensor:
         rows = keys.reshape(-1, keys.shape[-1])
         return self.grid.fake_quantize(rows, self.grid.find_params(rows)).reshape(keys.shape)

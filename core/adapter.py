@@ -48,6 +48,25 @@ class ArchitectureAdapter:
         config = getattr(model, "config", None)
         return getattr(config, "model_type", None) in self.model_types or type(model).__name__ in self.model_classes
 
+    def misfit(self, model: nn.Module) -> str | None:
+        """What of this description ``model`` lacks (its blocks, a linear of its first block, the
+        embedding), or None when the description fits it."""
+        try:
+            first = self.block_list(model)[0]
+        except (AttributeError, TypeError, IndexError):
+            return f"it has no blocks at {self.blocks!r}"
+        for name in self.linears():
+            try:
+                first.get_submodule(name)
+            except AttributeError:
+                return f"its blocks have no {name!r}"
+        if self.embedding is not None:
+            try:
+                model.get_submodule(self.embedding)
+            except AttributeError:
+                return f"it has no embedding at {self.embedding!r}"
+        return None
+
     def block_list(self, model: nn.Module) -> nn.ModuleList | nn.Sequential:
         blocks = model.get_submodule(self.blocks)
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from .adapter import ArchitectureAdapter
 from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
+from .errors import NonFiniteError
+from .finite import describe, non_finite
 from .memory import return_freed_memory
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
@@ -190,6 +192,10 @@ def _quantize_group(
     solves them stacked: one factorization and one column loop for the whole group."""
     started = time.perf_counter()
     weights = [layer.weight.data for _, layer in layers]
+    found = non_finite((f"{name}.weight", weight) for (name, _), weight in zip(layers, weights))
+    if found:  # the solver's input is broken, not the solver
+        raise NonFiniteError(f"NaN or Inf in {describe(found)} before quantization (the solver's input); nothing was "
+                             "written. The model was broken before this layer: check it in full precision (compquant eval)")
     if plan.solver.rows_independent and len(weights) > 1:
         stacked = plan.solver.solve(torch.cat(weights), stats, plan.grid, plan.options)
         results = _split_rows(stacked, [weight.shape[0] for weight in weights])

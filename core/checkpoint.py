@@ -7,26 +7,33 @@ and config reloads all of that and continues with the next block, so it ends wit
 as a run that was never interrupted. Anything written after the last progress file is ignored.
 
 The folder is keyed by a fingerprint of the model's weights, the calibration data and the config;
-a different fingerprint refuses to resume and says which of the three changed.
+a different fingerprint refuses to resume and says which of the three changed. Every block file,
+stream file and progress file carries the fingerprint's digest too, and each is checked when it is
+reloaded, so a block written by a run with another configuration can never be reloaded, even where
+the folder's fingerprint file was written by the resuming run. (The output lock of
+`compquant.core.lock` keeps two runs from sharing a folder in the first place.)
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .errors import CompquantError
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport
+from .files import save_safetensors
 from .saving import replace_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,7 @@ class BlockCheckpoint:
     def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
         self.folder = Path(folder).expanduser()
         self.fingerprint = fingerprint
+        self.digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------------------------ reading
     def blocks_done(self) -> int:
@@ -91,7 +99,11 @@ class BlockCheckpoint:
                 "run again with the original settings to resume, or delete that folder to start over"
             )
         progress = self.folder / PROGRESS_FILE
-        return json.loads(progress.read_text())["blocks_done"] if progress.exists() else 0
+        if not progress.exists():
+            return 0
+        recorded = json.loads(progress.read_text())
+        self._check_digest(recorded.get("fingerprint"), progress)
+        return recorded["blocks_done"]
 
     def restore(
         self, blocks: Sequence[nn.Module], prefix: str, grid: Grid
@@ -102,7 +114,7 @@ class BlockCheckpoint:
         records: dict[str, QuantizedLinear] = {}
         reports: list[LayerReport] = []
         for index in range(done):
-            tensors = load_file(self.folder / _block_file(index))
+            tensors = self._load(self.folder / _block_file(index))
             state = {key.removeprefix("param."): value for key, value in tensors.items() if key.startswith("param.")}
             blocks[index].load_state_dict(state, strict=True)
             for item in json.loads((self.folder / _reports_file(index)).read_text()):
@@ -111,7 +123,7 @@ class BlockCheckpoint:
                 records[report.name] = QuantizedLinear.from_tensors(tensors, f"record.{report.name}", grid)
         resumed = Resumed(done, [], None)
         if done:
-            stream = load_file(self.folder / _stream_file(done))
+            stream = self._load(self.folder / _stream_file(done))
             count = sum(key.startswith("hidden.") for key in stream)
             resumed.hidden = [stream[f"hidden.{i}"] for i in range(count)]
             if "fp.0" in stream:
@@ -119,7 +131,27 @@ class BlockCheckpoint:
             log.info("resuming from %s: %d finished blocks of %s reloaded", self.folder, done, prefix)
         return resumed, records, reports
 
+    def _load(self, path: Path) -> dict[str, Tensor]:
+        """The tensors of one checkpoint file, refused unless this run's fingerprint wrote it."""
+        with safe_open(path, framework="pt") as handle:
+            self._check_digest((handle.metadata() or {}).get("fingerprint"), path)
+        return load_file(path)
+
+    def _check_digest(self, recorded: str | None, path: Path) -> None:
+        if recorded != self.digest:
+            raise ResumeMismatchError(
+                f"{path} in the checkpoint was written by a run with a different model, data or config than this one "
+                f"(the folder mixes the work of two runs); delete {self.folder} to start over"
+            )
+
+    def discard(self) -> None:
+        """Remove the folder: its blocks cannot lead to a good result (the run failed on bad numbers)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
     # ------------------------------------------------------------------------------ writing
+    def _save(self, tensors: dict[str, Tensor], path: Path) -> None:
+        replace_atomic(path, lambda temporary: save_safetensors(tensors, temporary, {"fingerprint": self.digest}))
+
     def save_block(
         self,
         index: int,
@@ -136,13 +168,29 @@ class BlockCheckpoint:
         tensors = {f"param.{key}": value.detach().cpu().contiguous() for key, value in block.state_dict().items()}
         for name, record in records.items():
             tensors.update(record.tensors(f"record.{name}"))
-        _save_atomic(tensors, self.folder / _block_file(index))
+        self._save(tensors, self.folder / _block_file(index))
         write_text_atomic(self.folder / _reports_file(index), json.dumps([vars(report) for report in reports]))
         stream = {f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden or ())}
         stream.update({f"fp.{i}": h.detach().cpu().contiguous() for i, h in enumerate(fp_hidden or ())})
-        _save_atomic(stream, self.folder / _stream_file(index + 1))
-        write_text_atomic(self.folder / PROGRESS_FILE, json.dumps({"blocks_done": index + 1}))
+        self._save(stream, self.folder / _stream_file(index + 1))
+        write_text_atomic(self.folder / PROGRESS_FILE, json.dumps({"blocks_done": index + 1, "fingerprint": self.digest}))
         (self.folder / _stream_file(index)).unlink(missing_ok=True)
+
+
+def finished_blocks(folder: str | Path) -> int:
+    """How many blocks the checkpoint in ``folder`` records as finished (0 without one), unchecked:
+    for telling a stopped run what is kept."""
+    try:
+        return int(json.loads((Path(folder) / PROGRESS_FILE).read_text())["blocks_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes the checkpoint in ``folder`` already takes on disk (0 without one): space a resumed
+    run does not need again."""
+    folder = Path(folder)
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -154,10 +202,6 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         elif a != b:
             keys.append(f"{prefix}{key}")
     return keys
-
-
-def _save_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    replace_atomic(path, lambda temporary: save_file(tensors, str(temporary)))
 
 
 def _block_file(index: int) -> str:

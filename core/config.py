@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .errors import FileFormatError
+from .files import read_json, read_text
 from .quantizer import Grid
 
 CONFIG_VERSION = 1
@@ -84,6 +86,13 @@ class QuantConfig(_Strict):
     data_dir: Path | None = Field(None, description="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     output: Path | None = Field(None, description="output folder for the quantized model")
 
+    @field_validator("device")
+    @classmethod
+    def _a_torch_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_device_name(value)
+        return value
+
     @classmethod
     def load(cls, path: str | Path) -> QuantConfig:
         """Read a config from a .json, .yaml or .yml file."""
@@ -96,18 +105,48 @@ class QuantConfig(_Strict):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The raw mapping in a JSON or YAML config file."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+def check_device_name(name: str) -> None:
+    """Refuse a device string torch does not parse (``tpu``), naming the ones compquant runs on."""
+    import torch
 
-        data = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping in a JSON or YAML config file; a missing, binary or malformed file is a
+    `FileFormatError` (or ``FileNotFoundError``) that names it and the place of the mistake."""
+    path = Path(path)
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise FileFormatError(f"config file {path} must end in .json, .yaml or .yml")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist" if not path.exists() else
+                                f"config file {path} is not a file")
+    if path.suffix == ".json":
+        data = read_json(path, "the config file")
     else:
-        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+        data = _read_yaml(path)
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level, found {type(data).__name__}")
+        raise FileFormatError(f"config file {path} must hold a mapping at the top level, found {type(data).__name__}")
     return data
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    text = read_text(path, "the config file")
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as error:  # a tag such as !!python/object: never constructed
+        raise FileFormatError(f"config file {path}{_where(error)}: {error.problem}; a config holds only plain mappings, "
+                              "lists, strings, numbers and booleans") from None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise FileFormatError(f"config file {path} is not valid YAML{_where(error)}: {problem}") from None
+
+
+def _where(error: Any) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""

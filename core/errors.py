@@ -35,3 +35,11 @@ class ModelLoadError(CompquantError):
 
 class FunctionChangedError(CompquantError):
     """A transform that should keep the model's function changed its outputs beyond rounding."""
+
+
+class NonFiniteError(CompquantError, ArithmeticError):
+    """NaN or Inf in a model's weights, in a tensor about to be written, or in a reported metric."""
+
+
+class FileFormatError(CompquantError, ValueError):
+    """A file that is not what its name or place says (malformed JSON or YAML, binary where text belongs)."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .config import QuantConfig
     from .dataset import Dataset
     from .exporters.base import Exporter
+    from .online import OnlineOp
     from .registry import Register
     from .report import LayerReport, QuantReport
     from .solver import LayerResult, Solver
@@ -53,6 +54,13 @@ def compquant_register_exporters(register: Register[Exporter]) -> None:
 def compquant_register_datasets(register: Register[Dataset]) -> None:
     """Register calibration and evaluation data (`compquant.TextDataset` or
     `compquant.ImageDataset` instances); the name is what ``--calib`` and ``--ppl`` take."""
+
+
+@hookspec
+def compquant_register_online_ops(register: Register[type[OnlineOp]]) -> None:
+    """Register online operation types (`compquant.OnlineOp` subclasses, the classes themselves):
+    the only types a saved model's ``compquant_online_ops.json`` can name, so loading a checkpoint
+    builds nothing else."""
 
 
 # ------------------------------------------------------------------------------ before calibration

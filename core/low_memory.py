@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .block_store import SafetensorsWeights, StreamedBlocks
 from .config import QuantConfig
+from .finite import check_input_weights
 from .exporters import ExportError, Exporter, ExportJob, ShardWriter, choose_exporter, write_config
 from .pipeline import quantize, resolve_device
 from .plugin_manager import registry_for
@@ -55,6 +56,7 @@ def quantize_low_memory(
                          "do; drop --low-memory (the model must then fit in memory) or the transforms")
     output = check_output(output, weights.folder, overwrite=overwrite,
                           needed_bytes=int(sum(f.stat().st_size for f in set(weights.files.values())) * 1.1))
+    check_input_weights(((name, weights.get(name)) for name in weights.names()), str(weights.folder))
     compute_dtype = next(model.parameters()).dtype
     with staged_output(output, overwrite=overwrite) as staging:
         export = _BlockExport(model, format, dtype or compute_dtype, ShardWriter(staging, max_shard_size),

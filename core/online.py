@@ -11,25 +11,54 @@ should use instead, rebuildable from a small JSON description. It runs at one of
 The op becomes a submodule of the module it is attached to, so calibration statistics, evaluation
 and the saved model all see it. `describe_online_ops` and `restore_online_ops` carry them through a
 save and load.
+
+A saved description names each op by the name its type was registered under (plugins register op
+types through ``compquant_register_online_ops``, as they register solvers) and gives its options.
+Loading builds ops only from those registered types, with options validated by the type's own
+pydantic model against the site they are attached to: nothing named in a file is ever imported,
+so a checkpoint folder cannot make compquant run code.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
+
+from .errors import ModelLoadError
+from .options import describe_validation_error
+
+if TYPE_CHECKING:
+    from .registry import PluginRegistry
 
 Site = Literal["input", "query", "key"]
 SITES: tuple[Site, ...] = ("input", "query", "key")
 
 
-class OnlineOp(nn.Module):
-    """Base of every online operation. Subclasses take JSON-serialisable keyword arguments and return
-    them from `init_kwargs`, so the op can be rebuilt after loading."""
+class OnlineOpOptions(BaseModel):
+    """Base for an online op's options, what rebuilds it after loading; unknown keys are errors.
+    Validators may read the width of the tensors the op will see at its site from the validation
+    context (``info.context["width"]``), so that a file cannot ask for an op that does not fit."""
 
-    def init_kwargs(self) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must say how to rebuild it (init_kwargs)")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OnlineOp(nn.Module):
+    """Base of every online operation. A type whose ops must survive a save and load is registered
+    by a plugin (``compquant_register_online_ops``), has an `Options` model, returns its options
+    from `options` and is rebuilt by `from_options`."""
+
+    Options: ClassVar[type[OnlineOpOptions]] = OnlineOpOptions
+
+    def options(self) -> OnlineOpOptions:
+        """The options that rebuild this op (see `from_options`)."""
+        raise NotImplementedError(f"{type(self).__name__} must say how to rebuild it (options)")
+
+    @classmethod
+    def from_options(cls, options: OnlineOpOptions) -> OnlineOp:
+        """The op with these (validated) options; by default the options are the constructor's arguments."""
+        return cls(**dict(options))
 
 
 def _container_name(site: Site) -> str:
@@ -138,12 +167,13 @@ def online_ops(module: nn.Module, site: Site = "input") -> list[nn.Module]:
     return list(_container(module, site) or ())
 
 
-def describe_online_ops(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
-    """{module path: [{"site": ..., "class": "module:Class", "kwargs": {...}}, ...]} for every attached op."""
+def describe_online_ops(model: nn.Module, registry: PluginRegistry) -> dict[str, list[dict[str, Any]]]:
+    """{module path: [{"site": ..., "op": registered name, "options": {...}}, ...]} for every attached op;
+    an op whose type no plugin registered is an error (it could not be rebuilt after loading)."""
     description = {}
     for name, module in model.named_modules():
         specs = [
-            {"site": site, "class": f"{type(op).__module__}:{type(op).__qualname__}", "kwargs": op.init_kwargs()}
+            {"site": site, "op": registry.name_of("online_op", type(op)), "options": op.options().model_dump(mode="json")}
             for site in SITES
             for op in online_ops(module, site)
         ]
@@ -152,20 +182,68 @@ def describe_online_ops(model: nn.Module) -> dict[str, list[dict[str, Any]]]:
     return description
 
 
-def restore_online_ops(model: nn.Module, description: dict[str, list[dict[str, Any]]]) -> None:
-    """Re-attach the ops `describe_online_ops` recorded. Only `OnlineOp` subclasses are built."""
-    for name, specs in description.items():
-        module = model.get_submodule(name)
-        for spec in specs:
-            module_name, _, class_name = spec["class"].partition(":")
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-            if not (isinstance(cls, type) and issubclass(cls, OnlineOp)):
-                raise TypeError(f"{spec['class']} recorded for {name} is not a compquant OnlineOp; refusing to build it")
-            site = spec.get("site", "input")
+def restore_online_ops(model: nn.Module, description: Any, registry: PluginRegistry, source: str = "the description") -> None:
+    """Re-attach the ops `describe_online_ops` recorded (read from ``source``, named in errors).
+    Every op is built from a registered type with validated options; nothing is imported."""
+    if not isinstance(description, dict):
+        raise ModelLoadError(f"{source} must map module paths to lists of ops, found {type(description).__name__}")
+    for path, specs in description.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ModelLoadError(f"{source} attaches online ops to {path!r}, which this model does not have") from None
+        for spec in specs if isinstance(specs, list) else [specs]:
+            site, op = _build(model, module, path, spec, registry, source)
             if site == "input":
-                attach_input_op(module, cls(**spec["kwargs"]))
+                attach_input_op(module, op)
             else:
-                attach_attention_op(model, module, cls(**spec["kwargs"]), site)
+                attach_attention_op(model, module, op, site)
+
+
+def _build(model: nn.Module, module: nn.Module, path: str, spec: Any, registry: PluginRegistry,
+           source: str) -> tuple[Site, OnlineOp]:
+    """One recorded op: its site and the op, from its registered type and validated options."""
+    where = f"{source}, {path}"
+    if not isinstance(spec, dict):
+        raise ModelLoadError(f"{where}: an op must be a mapping with site, op and options, found {spec!r}")
+    site = spec.get("site", "input")
+    if site not in SITES:
+        raise ModelLoadError(f"{where}: unknown site {site!r}; ops run at {', '.join(SITES)}")
+    cls = _op_type(spec, registry, where)
+    width = _site_width(model, module, site)
+    if width is None:
+        raise ModelLoadError(f"{where}: {type(module).__name__} has no {site} site of known width to attach an op to")
+    try:
+        options = cls.Options.model_validate(spec.get("options", spec.get("kwargs", {})), context={"width": width})
+    except ValidationError as error:
+        raise ModelLoadError(f"{where}: {describe_validation_error(error, f'online op {cls.__name__}', cls.Options)}") from None
+    return site, cls.from_options(options)
+
+
+def _op_type(spec: dict[str, Any], registry: PluginRegistry, where: str) -> type[OnlineOp]:
+    """The registered type a spec names: by registered name, or (files written before the registry)
+    by the ``module:Class`` string of a registered type, compared as text, never imported."""
+    table = registry.table("online_op")
+    if "op" in spec and spec["op"] in table:
+        return table[spec["op"]].obj
+    legacy = {f"{entry.obj.__module__}:{entry.obj.__qualname__}": entry.obj for entry in table.values()}
+    if "op" not in spec and spec.get("class") in legacy:
+        return legacy[spec["class"]]
+    named = spec.get("op", spec.get("class"))
+    raise ModelLoadError(f"{where}: {named!r} is not an online op type any installed plugin registers (registered: "
+                         f"{', '.join(sorted(table)) or 'none'}); nothing named in a checkpoint is imported. Install the "
+                         "plugin that provides it, or remove the entry if you do not trust the file")
+
+
+def _site_width(model: nn.Module, module: nn.Module, site: Site) -> int | None:
+    """The size of the last dimension an op at ``site`` of ``module`` transforms."""
+    if site == "input":
+        return getattr(module, "in_features", None)
+    config = getattr(model, "config", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and config is not None and getattr(config, "num_attention_heads", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    return head_dim
 
 
 def _apply_input_ops(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,15 @@ from .adapter import ArchitectureAdapter
 from .calibration import CalibrationPlan, calibrate
 from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
-from .config import QuantConfig
+from .config import QuantConfig, check_device_name
+from .finite import check_input_weights
 from .function_check import FunctionCheck
+from .exporters import ExportJob
+from .lock import exclusive
+from .online import describe_online_ops
+from .options import checked_options
 from .plugin_manager import default_plugin_manager, registry_for
+from .qlinear import LinearLayout
 from .registry import PluginRegistry
 from .report import QuantReport
 from .transform import TransformContext
@@ -28,16 +35,22 @@ def resolve_device(name: str | None) -> torch.device:
     """The named device, or CUDA when present and the CPU otherwise."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_name(name)
     device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not one compquant runs on; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
 def check_plugins(config: QuantConfig, registry: PluginRegistry) -> None:
     """Resolve the solver and transform names in ``config`` and validate their options, so that a bad
     name or option fails before a model is loaded."""
-    registry.get("solver", config.solver).options(config.solver_options)
+    checked_options(registry.get("solver", config.solver), config.solver_options, f"solver {config.solver!r}")
     check_transforms(config.transforms, config.transform_options, registry)
 
 
@@ -45,7 +58,7 @@ def check_transforms(names: Sequence[str], options: dict[str, dict[str, Any]], r
     """Resolve every transform name and validate its options; options for a transform not named
     are an error too (most likely a typo)."""
     for name in names:
-        registry.get("transform", name).options(options.get(name))
+        checked_options(registry.get("transform", name), options.get(name), f"transform {name!r}")
     unused = set(options) - set(names)
     if unused:
         raise ValueError(f"transform_options given for {sorted(unused)}, which are not in transforms {list(names)}")
@@ -81,8 +94,10 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
     """Resolve every name in ``config`` and validate every option, before any work is done."""
     check_plugins(config, registry)
     solver = registry.get("solver", config.solver)
+    adapter = registry.adapter_for(model, config.adapter)
+    check_group_size(config.grid.group_size, [width for _, (_, width) in quantized_linears(model, adapter)])
     return CalibrationPlan(
-        adapter=registry.adapter_for(model, config.adapter),
+        adapter=adapter,
         solver_name=config.solver,
         solver=solver,
         options=solver.options(config.solver_options),
@@ -93,6 +108,40 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         sequential=config.calibration.sequential,
         fp_cache_bytes=config.calibration.fp_cache_mib * 2**20,
     )
+
+
+def quantized_linears(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, tuple[int, int]]]:
+    """(path, (out, in) shape) of every linear the calibration loop will quantize, in order."""
+    return [(f"{adapter.blocks}.{index}.{name}", tuple(block.get_submodule(name).weight.shape))
+            for index, block in enumerate(adapter.block_list(model)) for name in adapter.linears()]
+
+
+def check_group_size(group_size: int, widths: Sequence[int]) -> None:
+    """Refuse a group size wider than every linear: it would silently mean one group per row."""
+    if widths and group_size > max(widths):
+        raise ValueError(
+            f"group size {group_size} is larger than every quantized linear's input width (the widest is {max(widths)}), "
+            "so every row would be one group; ask for that with --group-size -1, or choose a size up to "
+            f"{max(widths)}"
+        )
+
+
+def planned_export(model: nn.Module, config: QuantConfig, registry: PluginRegistry, dtype: torch.dtype | None = None,
+                   max_shard_size: str | int = "5GB") -> ExportJob:
+    """The export job a run of ``config`` on ``model`` will produce, as far as it is known before the
+    work: every quantized linear's layout, and the online ops the model has or its transforms attach
+    (placeholders named after the transform). `compquant.core.exporters.check_planned_export` reads it."""
+    plan = plan_for(model, config, registry)
+    act_order, in_order = plan.solver.column_order(plan.options, plan.grid)
+    grid = plan.grid
+    layouts = {name: LinearLayout(shape, grid.bits, grid.group_size, grid.sym, act_order, in_order)
+               for name, shape in quantized_linears(model, plan.adapter)}
+    online = describe_online_ops(model, registry)
+    for name in config.transforms:
+        transform = registry.get("transform", name)
+        if transform.attaches_online_ops(transform.options(config.transform_options.get(name))):
+            online[f"{name} (transform)"] = []
+    return ExportJob(model, {}, online, dtype, max_shard_size, planned=layouts)
 
 
 def needs_calibration(config: QuantConfig, registry: PluginRegistry) -> bool:
@@ -131,23 +180,52 @@ def quantize(
             f"solver {config.solver!r} (or a transform) needs calibration data: pass calibration=<model inputs>, or call "
             "compquant.quantize with a tokenizer so that windows are drawn from calibration.dataset"
         )
-    batches = _batches(calibration, config) if calibration is not None else None
-    checkpoint = None
-    if resume_dir is not None:
-        settings = config.model_dump(mode="json", exclude={"output", "data_dir", "model"})
-        checkpoint = BlockCheckpoint(resume_dir, run_fingerprint(model, batches, settings))
-        checkpoint.blocks_done()  # a checkpoint of another run fails here, before any work
-    context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
-    apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options,
-                     check=config.transform_check, tolerance=config.transform_tolerance)
-    pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
-    report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint,
-                       store=block_store)
+    batches = _batches(calibration, config, model, plan.adapter) if calibration is not None else None
+    check_input_weights(model.state_dict().items(), type(model).__name__)
+    with exclusive(resume_dir) if resume_dir is not None else nullcontext():
+        checkpoint = None
+        if resume_dir is not None:
+            settings = config.model_dump(mode="json", exclude={"output", "data_dir", "model"})
+            checkpoint = BlockCheckpoint(resume_dir, run_fingerprint(model, batches, settings))
+            checkpoint.blocks_done()  # a checkpoint of another run fails here, before any work
+        context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
+        apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options,
+                         check=config.transform_check, tolerance=config.transform_tolerance)
+        pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
+        try:
+            report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint,
+                               store=block_store)
+        except ArithmeticError:  # NaN or Inf: the same inputs would meet them again, so resuming cannot help
+            if checkpoint is not None:
+                checkpoint.discard()
+            raise
     pm.hook.compquant_after_calibration(model=model, report=report, config=config)
     return report
 
 
-def _batches(calibration: Tensor | Sequence[Tensor], config: QuantConfig) -> list[Tensor]:
-    if isinstance(calibration, Tensor):
-        return list(calibration.split(config.calibration.batch_size))
-    return list(calibration)
+def _batches(calibration: Tensor | Sequence[Tensor], config: QuantConfig, model: nn.Module,
+             adapter: ArchitectureAdapter) -> list[Tensor]:
+    """The calibration inputs as batches, checked (token ids, where the model reads tokens)."""
+    given = [calibration] if isinstance(calibration, Tensor) else list(calibration)
+    if not given or any(inputs.numel() == 0 for inputs in given):
+        raise ValueError("the calibration inputs are empty; pass (samples, seqlen) token ids with at least one window")
+    embedding = model.get_submodule(adapter.embedding) if adapter.embedding else None
+    if isinstance(embedding, nn.Embedding):
+        for inputs in given:
+            check_token_ids(inputs, embedding.num_embeddings, "calibration")
+    return list(calibration.split(config.calibration.batch_size)) if isinstance(calibration, Tensor) else given
+
+
+def check_token_ids(ids: Tensor, vocabulary: int, what: str) -> None:
+    """Refuse ``ids`` unless they are a (windows, tokens) integer tensor of ids in ``[0, vocabulary)``,
+    saying what was expected instead of failing deep inside the model."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{what} token ids must be an integer tensor, got {ids.dtype}; pass the tokenizer's input_ids "
+                         "(torch.long)")
+    if ids.dim() != 2:
+        hint = "; for one window use ids.unsqueeze(0)" if ids.dim() == 1 else ""
+        raise ValueError(f"{what} token ids must be (windows, tokens), got shape {tuple(ids.shape)}{hint}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocabulary:
+        raise ValueError(f"{what} token ids must lie in [0, {vocabulary}) (the model's vocabulary), found ids from "
+                         f"{low} to {high}; tokenize with the model's own tokenizer")

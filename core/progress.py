@@ -1,15 +1,61 @@
-"""The one progress-bar helper: tqdm on a terminal, silent otherwise or when COMPQUANT_NO_PROGRESS is set."""
+"""The one progress helper: a tqdm bar on a terminal; elsewhere (``nohup``, a batch scheduler,
+``| tee``, where long quantization jobs run) a log line at a steady interval saying how many items
+are done of how many, the time so far and the time left. ``COMPQUANT_NO_PROGRESS`` silences both;
+``COMPQUANT_PROGRESS_SECONDS`` sets the interval of the log lines (default 30 s)."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger("compquant.progress")
+
+INTERVAL_ENV = "COMPQUANT_PROGRESS_SECONDS"
+DEFAULT_INTERVAL = 30.0
+
 
 def progress(items: Iterable[T], *, desc: str, total: int | None = None, initial: int = 0) -> Iterator[T]:
-    from tqdm.auto import tqdm
+    """``items``, reporting progress as it goes; ``initial`` items were done before (a resumed run)."""
+    if os.environ.get("COMPQUANT_NO_PROGRESS"):
+        yield from items
+    elif sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    disable = True if os.environ.get("COMPQUANT_NO_PROGRESS") else None  # None: only on a terminal
-    yield from tqdm(items, desc=desc, total=total, initial=initial, disable=disable, leave=False, dynamic_ncols=True)
+        yield from tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+    else:
+        yield from _logged(items, desc, total, initial, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)))
+
+
+def _logged(items: Iterable[T], desc: str, total: int | None, initial: int, interval: float) -> Iterator[T]:
+    """Log ``desc: k of n done, elapsed, about t left`` once ``interval`` seconds have passed since
+    the last line, and when the last item is done."""
+    started = last = time.monotonic()
+    done = initial
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= interval or done == total:
+            last = now
+            log.info("%s: %s", desc, progress_line(done, total, initial, now - started))
+
+
+def progress_line(done: int, total: int | None, initial: int, elapsed: float) -> str:
+    """``7 of 30 done, 1m05s elapsed, about 3m34s left`` (the rate from this run's items only)."""
+    if total is None:
+        return f"{done} done, {_duration(elapsed)} elapsed"
+    line = f"{done} of {total} done, {_duration(elapsed)} elapsed"
+    if done < total and done > initial:
+        line += f", about {_duration(elapsed / (done - initial) * (total - done))} left"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

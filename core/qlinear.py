@@ -16,6 +16,21 @@ from .solver import LayerResult
 
 
 @dataclass(frozen=True)
+class LinearLayout:
+    """What a checkpoint format must be able to store of one quantized linear, known before it is
+    quantized (from its shape, the grid and the solver's options): an export format that cannot
+    store it is refused before the work, not after."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    symmetric: bool
+    act_order: bool
+    groups_in_order: bool
+    """False when act-order with dynamic groups puts columns of one group out of column order."""
+
+
+@dataclass(frozen=True)
 class QuantizedLinear:
     """Integer codes (rows, cols) in the weight's own column order, ``scale`` and ``zero``
     (rows, groups), ``g_idx`` (cols,) naming each column's group, and how they were made."""
@@ -47,6 +62,10 @@ class QuantizedLinear:
     @property
     def shape(self) -> tuple[int, int]:
         return self.scale.shape[0], self.g_idx.shape[0]
+
+    @property
+    def layout(self) -> LinearLayout:
+        return LinearLayout(self.shape, self.bits, self.group_size, self.symmetric, self.act_order, self.groups_in_order)
 
     @property
     def groups_in_order(self) -> bool:

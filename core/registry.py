@@ -14,6 +14,7 @@ from .adapter import ArchitectureAdapter
 from .dataset import Dataset
 from .errors import PluginConflictError, UnknownPluginError
 from .exporters.base import Exporter
+from .online import OnlineOp
 from .solver import Solver
 from .transform import Transform
 
@@ -29,7 +30,10 @@ KINDS: dict[str, type] = {
     "adapter": ArchitectureAdapter,
     "exporter": Exporter,
     "dataset": Dataset,
+    "online_op": OnlineOp,
 }
+#: Kinds whose plugins register classes (built when a saved model is loaded), not instances.
+CLASS_KINDS = frozenset({"online_op"})
 
 
 def registration_hook(kind: str) -> str:
@@ -58,7 +62,11 @@ class Register(Generic[T]):
     def __call__(self, name: str, obj: T) -> None:
         plugin, distribution = self._origin()
         expected = KINDS[self._kind]
-        if not isinstance(obj, expected):
+        if self._kind in CLASS_KINDS:
+            if not (isinstance(obj, type) and issubclass(obj, expected)):
+                raise TypeError(f"plugin {plugin!r} registered {self._kind} {name!r} as {obj!r}; it must be a subclass "
+                                f"of compquant.{expected.__name__} (the class itself, not an instance)")
+        elif not isinstance(obj, expected):
             raise TypeError(
                 f"plugin {plugin!r} registered {self._kind} {name!r} as a {type(obj).__name__}; "
                 f"it must be an instance of compquant.{expected.__name__}"
@@ -103,10 +111,30 @@ class PluginRegistry:
             )
         return table[name].obj
 
+    def name_of(self, kind: str, obj: Any) -> str:
+        """The name ``obj`` is registered under as a ``kind``; an unregistered object is an error."""
+        for entry in self.table(kind).values():
+            if entry.obj is obj:
+                return entry.name
+        shown = getattr(obj, "__qualname__", type(obj).__name__)
+        raise UnknownPluginError(
+            f"{shown} is not a registered {kind}; register it from your plugin (compquant_register_{kind}s) so that "
+            "compquant can rebuild it when the model is loaded"
+        )
+
     def adapter_for(self, model: nn.Module, name: str | None = None) -> ArchitectureAdapter:
         """The adapter named ``name``, or the first registered one that recognises ``model``."""
         if name is not None:
-            return self.get("adapter", name)
+            adapter = self.get("adapter", name)
+            misfit = adapter.misfit(model)
+            if misfit is not None:
+                fitting = [entry.name for entry in self.table("adapter").values() if entry.obj.matches(model)]
+                raise UnknownPluginError(
+                    f"adapter {name!r} does not fit this {type(model).__name__}: {misfit}; "
+                    + (f"drop --adapter to use the detected one ({', '.join(fitting)})" if fitting else
+                       "no registered adapter recognises it: install a plugin for this architecture")
+                )
+            return adapter
         for entry in self.table("adapter").values():
             if entry.obj.matches(model):
                 return entry.obj

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ import torch
 from .config import QuantConfig
 from .errors import OutputPathError
 from .exporters import ExportJob, choose_exporter, write_export
+from .finite import check_before_writing
+from .lock import exclusive
 from .online import describe_online_ops
 from .plugin_manager import registry_for
 from .report import QuantReport
@@ -28,6 +31,7 @@ from .report import QuantReport
 CONFIG_FILE = "compquant.json"
 REPORT_FILE = "compquant_report.json"
 ONLINE_OPS_FILE = "compquant_online_ops.json"
+STAGING_SUFFIX = ".partial"
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,20 @@ def check_output(
     return output
 
 
+def check_writable_file(path: str | Path, option: str) -> Path:
+    """Refuse, before the work, a result file that cannot be written: a folder, or a place whose
+    nearest existing folder is not writable (the folders between are created on writing)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; name a file to write the result to, e.g. {path / 'result.json'}")
+    existing = next(parent for parent in path.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OutputPathError(f"{option} {path} cannot be written: {existing} is not a writable folder; choose another place")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {path} exists and is not writable; choose another file")
+    return path
+
+
 def needed_bytes(model: Any, dtype: torch.dtype | None = None, *, resume: bool = False) -> int:
     """A generous estimate of the disk space a run writes: the model de-quantized in ``dtype``
     (the largest export), and as much again for the resume checkpoint, plus 10%."""
@@ -95,9 +113,11 @@ def save_quantized(
     at all; with ``overwrite`` an earlier compquant output there is replaced only once the new one
     is complete."""
     output = check_output(output, source, overwrite=overwrite)
-    online = describe_online_ops(model)
+    check_before_writing(model.state_dict().items(), "the quantized model")
+    registry = registry_for(plugin_manager)
+    online = describe_online_ops(model, registry)
     job = ExportJob(model, report.records, online, dtype, max_shard_size)
-    exporter = choose_exporter(format, job, registry_for(plugin_manager))
+    exporter = choose_exporter(format, job, registry)
     with staged_output(output, overwrite=overwrite) as staging:
         export = write_export(exporter, job, staging)
         write_metadata(staging, tokenizer, config, report, export, online)
@@ -108,21 +128,37 @@ def save_quantized(
 @contextmanager
 def staged_output(output: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``output`` to write into; fsynced and renamed to ``output`` when
-    the block completes, removed if it fails (a full disk becomes an `OutputPathError`)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
-        yield staging
-        _fsync_tree(staging)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        _move_into_place(staging, output, overwrite=overwrite)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            raise OutputPathError(
-                f"the disk of {output.parent} filled up while the model was written; nothing was left behind. "
-                "Free space and save again"
-            ) from error
-        raise
+    the block completes, removed if it fails (a full disk becomes an `OutputPathError`). The
+    output's lock is held throughout, so staging folders of the same output left by a killed run
+    are stale, and are removed first."""
+    with exclusive(output):
+        remove_stale_staging(output)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=STAGING_SUFFIX, dir=output.parent))
+        try:
+            yield staging
+            _fsync_tree(staging)
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+            _move_into_place(staging, output, overwrite=overwrite)
+        except BaseException as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise OutputPathError(
+                    f"the disk of {output.parent} filled up while the model was written; nothing was left behind. "
+                    "Free space and save again"
+                ) from error
+            raise
+
+
+def remove_stale_staging(output: Path) -> None:
+    """Remove the staging folders of ``output`` that a killed run left (call with its lock held:
+    no live run is then writing one)."""
+    # mkdtemp's names: the prefix, eight characters of its alphabet, the suffix (so the staging folders
+    # of an output named "out.v2" never match those of "out")
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
+    for stale in output.parent.iterdir():
+        if pattern.fullmatch(stale.name) and stale.is_dir():
+            log.warning("removing %s, left by a run that was killed while saving %s", stale, output)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_metadata(

@@ -49,6 +49,14 @@ class Solver(ABC):
     def options(self, values: dict[str, Any] | None = None) -> SolverOptions:
         return self.Options(**(values or {}))
 
+    def column_order(self, options: SolverOptions, grid: Grid) -> tuple[bool, bool]:
+        """(act_order, groups_in_order) of the records this solver will return with ``options``, for
+        checking an export format before the work. The default reads the column machinery's
+        options (``act_order``, ``static_groups``); a solver that orders columns otherwise overrides it."""
+        act_order = bool(getattr(options, "act_order", False))
+        static = bool(getattr(options, "static_groups", False))
+        return act_order, not act_order or static or grid.group_size == -1
+
     @abstractmethod
     def statistics(self, options: SolverOptions) -> frozenset[Statistic]:
         """The statistics the calibration loop must collect for this solver with these options: the

@@ -46,6 +46,11 @@ class Transform(ABC):
     def options(self, values: dict[str, Any] | None = None) -> TransformOptions:
         return self.Options(**(values or {}))
 
+    def attaches_online_ops(self, options: TransformOptions) -> bool:
+        """Whether `apply` with ``options`` attaches online operations (which most export formats
+        cannot store), so that the format is checked before the work."""
+        return False
+
     @abstractmethod
     def apply(
         self,

@@ -7,6 +7,7 @@ folder is ``--data-dir`` or ``$COMPQUANT_DATA_DIR`` (docs/data.md).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import QuantConfig
-from ..core.dataset import Dataset, Modality, Purpose, TextDataset, resolve_data_dir
+from ..core.dataset import DATA_DIR_ENV, Dataset, Modality, Purpose, TextDataset, resolve_data_dir
 from ..core.errors import DataNotFoundError
 from ..core.plugin_manager import registry_for
+
+log = logging.getLogger(__name__)
 
 
 def dataset(name: str, modality: Modality, plugin_manager: pluggy.PluginManager | None = None) -> Dataset:
@@ -34,7 +37,11 @@ def check_dataset(name: str, purpose: Purpose, data_dir: str | Path | None = Non
     image folder, or its ``purpose`` split cannot be read."""
     if Path(name).expanduser().is_dir():
         return
-    problem = registry_for(plugin_manager).get("dataset", name).problem(purpose, resolve_data_dir(data_dir))
+    folder = resolve_data_dir(data_dir)
+    if folder is not None and not folder.is_dir():
+        raise DataNotFoundError(f"the data folder {folder} does not exist (from --data-dir or ${DATA_DIR_ENV}); "
+                                "give the folder that holds the datasets, laid out as docs/data.md describes")
+    problem = registry_for(plugin_manager).get("dataset", name).problem(purpose, folder)
     if problem is not None:
         raise DataNotFoundError(f"dataset {name!r} ({purpose}): {problem}")
 
@@ -67,6 +74,16 @@ def calibration_windows(
     return torch.stack([ids[start : start + seqlen] for start in starts.tolist()])
 
 
+def warn_beyond_context(model: nn.Module, seqlen: int) -> None:
+    """Warn when windows of ``seqlen`` tokens are longer than the model's context
+    (``max_position_embeddings``): positions past it were never trained, so its statistics and
+    scores there describe a model nobody runs."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seqlen > context:
+        log.warning("windows of %d tokens are longer than the model's context of %d tokens "
+                    "(max_position_embeddings); use --seqlen %d or less", seqlen, context, context)
+
+
 def calibration_inputs(
     model: nn.Module, config: QuantConfig, tokenizer: Any | None, plugin_manager: pluggy.PluginManager | None = None
 ) -> Tensor:
@@ -76,6 +93,7 @@ def calibration_inputs(
 
     cal = config.calibration
     if tokenizer is not None:
+        warn_beyond_context(model, cal.seqlen)
         return calibration_windows(tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed,
                                    data_dir=config.data_dir, plugin_manager=plugin_manager)
     registered = registry_for(plugin_manager).table("dataset").get(cal.dataset)

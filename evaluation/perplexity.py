@@ -12,8 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.finite import check_metric
 from ..core.progress import progress
-from .datasets import evaluation_tokens
+from .datasets import evaluation_tokens, warn_beyond_context
+
+NON_FINITE_LOGITS = ("the model produced NaN or Inf logits, so the score means nothing; check its weights "
+                     "(compquant quantize names any non-finite tensor) or evaluate in float32")
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,26 @@ def perplexity_of_tokens(
     batch_size: int = 1,
     device: str | torch.device | None = None,
 ) -> PerplexityResult:
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 tokens (one to predict from, one to predict), got {seqlen}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of windows (or None for all of them), got {limit}")
     windows = ids.numel() // seqlen
+    if windows == 0:
+        raise ValueError(f"the {dataset} text has {ids.numel()} tokens, which make no window of {seqlen}; lower seqlen")
     if limit is not None:
         windows = min(windows, limit)
-    if windows == 0:
-        raise ValueError(f"{ids.numel()} tokens make no window of {seqlen}; lower seqlen")
+    warn_beyond_context(model, seqlen)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     data = ids.reshape(-1)[: windows * seqlen].reshape(windows, seqlen)
     nlls = []
     with torch.inference_mode():
-        for batch in progress(data.split(batch_size), desc=f"ppl {dataset}", total=math.ceil(windows / batch_size)):
+        for batch in progress(data.split(batch_size), desc=f"perplexity {dataset}, batches of {batch_size} windows",
+                              total=math.ceil(windows / batch_size)):
             batch = batch.to(device)
             logits = model(batch, use_cache=False).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
             nlls.append(loss.view(batch.shape[0], -1).mean(dim=1).cpu())
     mean_nll = torch.cat(nlls).double().mean().item()
+    check_metric(f"the {dataset} perplexity", mean_nll, NON_FINITE_LOGITS)
     return PerplexityResult(dataset, math.exp(mean_nll), seqlen, windows, windows * seqlen)

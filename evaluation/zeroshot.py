@@ -18,6 +18,8 @@ from typing import Any
 from torch import nn
 
 from ..core.dataset import resolve_data_dir
+from ..core.finite import check_metric
+from .perplexity import NON_FINITE_LOGITS
 from .task_configs import build_tasks, check_tasks, hub_offline
 
 ZEROSHOT_FILE = "zeroshot.json"
@@ -136,6 +138,10 @@ def zero_shot(
         name: TaskScore.from_lm_eval(name, results["results"][name], results["n-samples"][name]["effective"])
         for name in loaded
     }
+    for score in scores.values():
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if getattr(score, metric) is not None:
+                check_metric(f"{score.task} {metric}", getattr(score, metric), NON_FINITE_LOGITS)
     return ZeroShotResult(scores, limit, None if folder is None else str(folder), lm_eval.__version__,
                           time.perf_counter() - start)
 

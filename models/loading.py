@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
+from safetensors import SafetensorError
+
 from ..core.block_store import SafetensorsWeights
 from ..core.errors import ModelLoadError
+from ..core.files import read_json
 from ..core.online import restore_online_ops
 from ..core.plugin_manager import registry_for
 from ..core.saving import ONLINE_OPS_FILE
@@ -61,6 +64,9 @@ class LoadedModel:
     """Where it came from: a resolved local path, or the hub name."""
     weights: SafetensorsWeights | None = None
     """In low-memory mode, where the skeleton's tensors are read from."""
+    source_dtype: torch.dtype | None = None
+    """The floating dtype the source checkpoint stores (what an export keeps unless told otherwise);
+    None where it cannot be told."""
 
     @property
     def is_vision(self) -> bool:
@@ -115,28 +121,37 @@ def load_model(
         return LoadedModel(model, tokenizer, spec)
     gguf = _gguf_file(path)
     if gguf is not None:
+        stored = gguf_dtype(gguf)
         log.info("loading GGUF %s (weights are de-quantized to %s)", gguf, dtype)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, **_dense_gguf(gguf))
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        return LoadedModel(forget_gguf_quantization(model), tokenizer, str(gguf))
+        return LoadedModel(forget_gguf_quantization(model), tokenizer, str(gguf), source_dtype=stored)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} holds neither a config.json nor a .gguf file; point at a model folder or file")
-    folder_config = json.loads((path / "config.json").read_text())
+    folder_config = read_json(path / "config.json", "a model folder's config.json")
+    check_weight_files(path)
     if "architecture" in folder_config:  # timm's save_for_hf layout
         import timm
 
         return LoadedModel(timm.create_model(f"local-dir:{path}", pretrained=True).to(dtype).eval(), None, str(path))
     reader = next((exporter for exporter in _exporters() if exporter.reads(folder_config)), None)
-    if reader is not None:
-        model = reader.load(path, folder_config, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = reader.load(path, folder_config, dtype) if reader is not None else \
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, SafetensorError) as error:  # files the framing check cannot see into
+        raise ModelLoadError(f"could not load the model in {path}: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     online = path / ONLINE_OPS_FILE
     if online.is_file():
-        restore_online_ops(model, json.loads(online.read_text()))
+        restore_online_ops(model, read_json(online, "the online operations file"), registry_for(None), str(online))
         log.info("re-attached the online operations recorded in %s", online)
-    return LoadedModel(model, tokenizer, str(path))
+    return LoadedModel(model, tokenizer, str(path), source_dtype=_config_dtype(folder_config))
+
+
+def _config_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The floating dtype a transformers config.json records (``dtype``, formerly ``torch_dtype``)."""
+    named = getattr(torch, str(config.get("dtype") or config.get("torch_dtype")), None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else None
 
 
 def _skeleton(spec: str, dtype: torch.dtype) -> LoadedModel:
@@ -149,10 +164,71 @@ def _skeleton(spec: str, dtype: torch.dtype) -> LoadedModel:
             f"low-memory mode reads a local transformers folder with safetensors shards, and {spec!r} is not one; "
             "load it once without --low-memory and save it with save_pretrained, or drop --low-memory"
         )
+    check_weight_files(path)
     weights = SafetensorsWeights(path)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(path), str(path), weights)
+    return LoadedModel(model.eval(), AutoTokenizer.from_pretrained(path), str(path), weights,
+                       _config_dtype(read_json(path / "config.json", "a model folder's config.json")))
+
+
+WEIGHT_PATTERNS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json", "*.safetensors")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse, before transformers tries, a model folder without weights or with a safetensors file
+    that is truncated or corrupt, naming the file."""
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelLoadError(
+            f"{folder} has a config.json but no weights (model.safetensors, sharded model-*.safetensors with their "
+            "index, or pytorch_model.bin); copy the weights into it, or point at the folder that holds them"
+        )
+    for file in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            raise ModelLoadError(f"{file} is truncated or corrupt ({problem}); download or copy it again")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a safetensors file's framing (its header, and a size that covers every
+    tensor the header lists), read without loading a tensor; None when it is whole."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"its header claims {length} bytes but the file has {size}"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a mapping"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"{size} bytes, but its tensors need {expected}"
+    return None
+
+
+def gguf_dtype(file: Path) -> torch.dtype:
+    """The dtype a GGUF file's token embedding is stored in (float32 or bfloat16 as they are; float16
+    for float16 and for the block-quantized types, whose scales are float16). A file its reader
+    cannot map (truncated, or not GGUF) is a `ModelLoadError` naming it."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        tensors = GGUFReader(file).tensors
+    except Exception as error:  # the reader fails on a cut file with numpy's or struct's own errors
+        raise ModelLoadError(f"{file} is not a readable GGUF file, most likely truncated ({type(error).__name__}: "
+                             f"{error}); download it again") from None
+    embedding = next((tensor for tensor in tensors if tensor.name == "token_embd.weight"), None)
+    kind = embedding.tensor_type if embedding is not None else None
+    return {GGMLQuantizationType.F32: torch.float32, GGMLQuantizationType.BF16: torch.bfloat16}.get(kind, torch.float16)
 
 
 def _exporters() -> list[Any]:

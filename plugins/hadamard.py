@@ -16,9 +16,11 @@ import functools
 import math
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
-from ..core.online import OnlineOp
+from ..core.online import OnlineOp, OnlineOpOptions
+from ..core.plugin_manager import hookimpl
 
 
 class HadamardSizeError(ValueError):
@@ -88,7 +90,7 @@ def hadamard_factors(n: int) -> tuple[Tensor, int]:
     raise HadamardSizeError(
         f"no Hadamard matrix of size {n} can be built from Sylvester doubling and Paley I/II on a prime; "
         "use a power of two, a size K·2^m with K = q+1 (prime q ≡ 3 mod 4) or 2(q+1) (prime q ≡ 1 mod 4), "
-        "or ask for a seeded random orthogonal matrix instead"
+        "or a seeded random orthogonal matrix instead"
     )
 
 
@@ -117,10 +119,25 @@ def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = t
     return (q * torch.sign(torch.diagonal(r))).to(dtype)
 
 
+class OnlineHadamardOptions(OnlineOpOptions):
+    n: int = Field(description="size of the Hadamard matrix: the width of the tensors it turns")
+
+    @field_validator("n")
+    @classmethod
+    def _fits_its_site(cls, n: int, info: ValidationInfo) -> int:
+        width = (info.context or {}).get("width")
+        if width is not None and n != width:
+            raise ValueError(f"a Hadamard of size {n} cannot turn tensors of width {width}")
+        hadamard_factors(n)  # a size with no construction is refused here, before anything is built
+        return n
+
+
 class OnlineHadamard(OnlineOp):
     """``x ↦ x · H_nᵀ`` (= x·H for symmetric H) on the last dimension, through the Kronecker factors
     (K×K and 2^m×2^m matmuls), so no n×n matrix is stored. Attached in front of a linear whose weight
     took ``W · Hᵀ`` offline."""
+
+    Options = OnlineHadamardOptions
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -129,8 +146,8 @@ class OnlineHadamard(OnlineOp):
         self.register_buffer("base", base.to(torch.float32) / math.sqrt(base.shape[0]), persistent=False)
         self.register_buffer("power", sylvester(power).to(torch.float32) / math.sqrt(power), persistent=False)
 
-    def init_kwargs(self) -> dict[str, int]:
-        return {"n": self.n}
+    def options(self) -> OnlineHadamardOptions:
+        return OnlineHadamardOptions(n=self.n)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -140,3 +157,8 @@ class OnlineHadamard(OnlineOp):
 
     def extra_repr(self) -> str:
         return f"n={self.n}, factors={self.base.shape[0]}x{self.power.shape[0]}"
+
+
+@hookimpl
+def compquant_register_online_ops(register) -> None:
+    register("hadamard", OnlineHadamard)

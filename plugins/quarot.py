@@ -38,6 +38,9 @@ class QuaRotOptions(TransformOptions):
 class QuaRot(Transform):
     Options = QuaRotOptions
 
+    def attaches_online_ops(self, options: QuaRotOptions) -> bool:
+        return options.r4 or options.r3
+
     def apply(self, model: nn.Module, adapter: ArchitectureAdapter, options: QuaRotOptions, context: TransformContext) -> None:
         generator = torch.Generator().manual_seed(context.seed)
         prepare_for_rotation(model, adapter)
@@ -57,9 +60,10 @@ def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) 
         return random_orthogonal(n, generator)
     try:
         return random_hadamard(n, generator)
-    except HadamardSizeError:
+    except HadamardSizeError as error:
         if not options.fallback_random:
-            raise
+            raise HadamardSizeError(f"{error}: set the QuaRot option fallback_random=true (on the command line "
+                                    "--transform-option quarot.fallback_random=true) to use one for this size") from None
         log.warning("no Hadamard matrix of size %d; using a seeded random orthogonal matrix", n)
         return random_orthogonal(n, generator)
 

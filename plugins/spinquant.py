@@ -51,6 +51,9 @@ class SpinQuant(Transform):
     Options = SpinQuantOptions
     needs_calibration = True
 
+    def attaches_online_ops(self, options: SpinQuantOptions) -> bool:
+        return True  # R4 always; R3 with r3
+
     def apply(self, model: nn.Module, adapter: ArchitectureAdapter, options: SpinQuantOptions, context: TransformContext) -> None:
         if context.calibration is None:
             raise ValueError("SpinQuant learns its rotations from calibration data; run it through `quantize`")

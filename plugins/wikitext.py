@@ -15,11 +15,12 @@ from typing import Callable
 
 from ..core.dataset import DATA_DIR_ENV, Purpose, TextDataset
 from ..core.errors import DataNotFoundError
+from ..core.files import binary_problem, read_text
 from ..core.plugin_manager import hookimpl
 
 def raw_rows(path: Path) -> str:
     """WikiText raw file → the hub's rows joined by blank lines (blank lines become empty rows)."""
-    rows = [line if line.strip() else "" for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+    rows = [line if line.strip() else "" for line in read_text(path, "WikiText-2's test split").splitlines(keepends=True)]
     return "\n\n".join(rows)
 
 
@@ -28,7 +29,7 @@ _WIKITEXT_JOINERS = re.compile(r" @([-,.])@ ")
 
 def tokenized_rows(path: Path) -> str:
     """WikiText tokenized file → plain-ish text: `<unk>` becomes `unk`, ` @-@ ` becomes `-`."""
-    text = path.read_text(encoding="utf-8").replace("<unk>", "unk")
+    text = read_text(path, "WikiText-2's validation split").replace("<unk>", "unk")
     return _WIKITEXT_JOINERS.sub(r"\1", text)
 
 
@@ -50,7 +51,7 @@ class WikiText2(TextDataset):
     def problem(self, purpose: Purpose, data_dir: Path | None) -> str | None:
         split = self.splits[purpose]
         if data_dir is not None and (data_dir / split.local).is_file():
-            return None
+            return binary_problem(data_dir / split.local)
         if importlib.util.find_spec("datasets") is None:
             return f"{self._where(split, data_dir)}, and the `datasets` hub loader is not installed. {self._fix(split)}"
         return None  # the hub may have it; whether it does is known only online

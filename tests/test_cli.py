@@ -65,6 +65,7 @@ def test_missing_data_file_is_a_clear_error_and_writes_nothing(model_dir, tmp_pa
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     output = tmp_path / "out"
+    (tmp_path / "no-data").mkdir()
     assert main(quantize_args(model_dir, tmp_path / "no-data", output)) == 2
     assert "wikitext-2/wiki.valid.tokens" in capsys.readouterr().err
     assert not output.exists()
@@ -110,3 +111,35 @@ def test_eval_takes_transform_options(model_dir, data_dir, tmp_path, capsys):
     assert json.loads(path.read_text())["transform_options"] == {"quarot": {"r3": True}}
     assert main(["eval", str(model_dir), "--transform-option", "spinquant.r3=true", "-q"]) == 2
     assert "transform_options given for ['spinquant'], which are not in transforms []" in capsys.readouterr().err
+
+
+def test_auto_prefers_packed_gptq_v2_to_fake_and_fake_keeps_the_source_dtype(make_llama, tiny_tokenizer, data_dir,
+                                                                            tmp_path, capsys, caplog):
+    """Issue 17: W3 g128 SmolLM2 fell back to a float32 fake export twice the size of the float16
+    original. Here: a group size that does not divide the widths (no compressed-tensors) and a zero
+    point of 0 (no GPTQ v1) must give gptq-v2, and the float16 source must stay float16."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    model = make_llama()
+    with torch.no_grad():  # a row whose first group is all non-negative gets a zero point of 0
+        model.model.layers[0].mlp.up_proj.weight[0, :48].abs_()
+    folder = tmp_path / "fp16"
+    model.half().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    common = ["quantize", str(folder), "--solver", "rtn", "--bits", "4", "--group-size", "48", "--data-dir",
+              str(data_dir)]
+    with caplog.at_level(logging.INFO, logger="compquant"):
+        assert main([*common, "-o", str(tmp_path / "auto")]) == 0
+    out = capsys.readouterr().out
+    assert "auto: not exporting as compressed-tensors" in caplog.text and "auto: not exporting as gptq: " in caplog.text
+    assert "auto: exporting as gptq-v2, the first format that can express the run" in caplog.text
+    size = sum(path.stat().st_size for path in (tmp_path / "auto").iterdir())
+    assert f"as gptq-v2 ({size / 1000:.1f} KB on disk, float16 tensors;" in out
+    assert main([*common, "-o", str(tmp_path / "fake"), "--format", "fake", "-q"]) == 0
+    tensors = load_file(tmp_path / "fake" / "model.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
+    assert json.loads((tmp_path / "fake" / "config.json").read_text())["dtype"] == "float16"
+    assert main([*common, "-o", str(tmp_path / "fake32"), "--format", "fake", "--dtype", "float32", "-q"]) == 0
+    assert load_file(tmp_path / "fake32" / "model.safetensors")["lm_head.weight"].dtype == torch.float32

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import ExportError, Exporter, ExportJob, ShardWriter, write_config
+from .base import ExportError, Exporter, ExportJob, ShardWriter, shard_size_bytes, write_config
 
 if TYPE_CHECKING:
     from ..registry import PluginRegistry
@@ -47,14 +47,34 @@ def choose_exporter(format: str, job: ExportJob, registry: PluginRegistry) -> Ex
         for exporter in auto_order(registry):
             reason = exporter.unsupported(job)
             if reason is None:
+                log.info("auto: exporting as %s, the first format that can express the run", exporter.name)
                 return exporter
-            log.info("not exporting as %s: %s", exporter.name, reason)
+            log.info("auto: not exporting as %s: %s", exporter.name, reason)
         raise ExportError("no registered export format can express this run")
     exporter = registry.get("exporter", format)
     reason = exporter.unsupported(job)
     if reason is not None:
         raise ExportError(f"format {format!r} cannot express this model: {reason}")
     return exporter
+
+
+def check_planned_export(format: str, job: ExportJob, registry: PluginRegistry) -> None:
+    """Before the work, on a planned ``job``: refuse a named ``format`` that cannot store the run's
+    layouts or online ops, with the reason; for ``auto``, log the format the layouts allow (the
+    choice is made once the numbers are known: GPTQ v1 also depends on the zero points)."""
+    check_format(format, registry)
+    if format != AUTO:
+        reason = registry.get("exporter", format).unsupported_layout(job)
+        if reason is not None:
+            raise ExportError(f"format {format!r} cannot express this run: {reason}. Nothing was done")
+        return
+    for exporter in auto_order(registry):
+        reason = exporter.unsupported_layout(job)
+        if reason is None:
+            log.info("auto: the run can be exported as %s (checked again once it is quantized)", exporter.name)
+            return
+        log.info("auto: cannot export as %s: %s", exporter.name, reason)
+    raise ExportError("no registered export format can express this run")
 
 
 def write_export(exporter: Exporter, job: ExportJob, folder: Path) -> dict[str, str]:
@@ -64,4 +84,4 @@ def write_export(exporter: Exporter, job: ExportJob, folder: Path) -> dict[str, 
 
 
 __all__ = ["AUTO", "ExportError", "ExportJob", "Exporter", "ShardWriter", "auto_order", "check_format",
-           "choose_exporter", "format_names", "write_config", "write_export"]
+           "check_planned_export", "choose_exporter", "format_names", "shard_size_bytes", "write_config", "write_export"]

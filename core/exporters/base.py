@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import CompquantError
-from ..qlinear import QuantizedLinear
+from ..files import save_safetensors
+from ..finite import check_before_writing
+from ..qlinear import LinearLayout, QuantizedLinear
 
 
 class ExportError(CompquantError):
@@ -23,7 +24,9 @@ class ExportError(CompquantError):
 
 @dataclass(frozen=True)
 class ExportJob:
-    """A quantized model and what the exporters need to know about it."""
+    """A quantized model and what the exporters need to know about it. Before the work, a planned
+    job has no records, only the ``planned`` layouts of the linears the run will quantize (and, in
+    ``online_ops``, placeholders for the ops its transforms will attach)."""
 
     model: nn.Module
     records: dict[str, QuantizedLinear]
@@ -31,6 +34,14 @@ class ExportJob:
     dtype: torch.dtype | None = None
     """Floating dtype of the written tensors (scales and unquantized weights); None keeps the model's."""
     max_shard_size: str | int = "5GB"
+    planned: dict[str, LinearLayout] | None = None
+
+    @property
+    def layouts(self) -> dict[str, LinearLayout]:
+        """Every quantized linear's layout, by path: planned, or read off the records."""
+        if self.planned is not None:
+            return self.planned
+        return {name: record.layout for name, record in self.records.items()}
 
     @property
     def is_transformers_model(self) -> bool:
@@ -54,9 +65,17 @@ class Exporter(ABC):
     #: Place in the ``auto`` choice: formats are tried by increasing rank; None is never chosen by auto.
     auto_rank: int | None = None
 
-    @abstractmethod
+    def unsupported_layout(self, job: ExportJob) -> str | None:
+        """Why this format cannot express ``job`` as far as its `ExportJob.layouts` (shapes, grids,
+        column order) and online ops tell, with what to do instead; None when it can. Asked before
+        the work, with a planned job, so that a format that cannot store the run costs seconds."""
+        return None
+
     def unsupported(self, job: ExportJob) -> str | None:
-        """Why this format cannot express ``job``, with what to do instead; None when it can."""
+        """Why this format cannot express the finished ``job``, with what to do instead; None when it
+        can. By default what `unsupported_layout` says; a format that also depends on the numbers
+        (GPTQ v1's zero points) adds that."""
+        return self.unsupported_layout(job)
 
     @abstractmethod
     def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -117,22 +136,34 @@ def unique_tensors(named: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
     return unique
 
 
+def shard_size_bytes(size: str | int) -> int:
+    """``"5GB"``, ``"500MB"`` or a number of bytes, as bytes; anything else is an `ExportError`."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        limit = TypeAdapter(ByteSize).validate_python(size)
+    except ValidationError:
+        limit = 0
+    if limit <= 0:
+        raise ExportError(f"--max-shard-size {size!r} is not a size; write it as e.g. 5GB, 500MB or a number of bytes")
+    return int(limit)
+
+
 class ShardWriter:
     """Writes tensors into safetensors shards of at most ``max_shard_size`` bytes as they come, so
     a model never has to be whole in memory; `finish` names the shards as transformers does and
     writes the index when there is more than one."""
 
     def __init__(self, folder: Path, max_shard_size: str | int) -> None:
-        from pydantic import ByteSize, TypeAdapter
-
         self.folder = folder
-        self.limit = TypeAdapter(ByteSize).validate_python(max_shard_size)
+        self.limit = shard_size_bytes(max_shard_size)
         self.pending: dict[str, Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total_bytes = 0
 
     def add(self, tensors: dict[str, Tensor]) -> None:
+        check_before_writing(tensors.items(), "the quantized model")
         for name, tensor in tensors.items():
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.limit:
@@ -147,7 +178,7 @@ class ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        save_file(self.pending, str(self.folder / f"shard-{len(self.shards):05d}.partial"), metadata={"format": "pt"})
+        save_safetensors(self.pending, self.folder / f"shard-{len(self.shards):05d}.partial", {"format": "pt"})
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 

@@ -34,18 +34,18 @@ class CompressedTensorsExporter(Exporter):
     description = "compressed-tensors pack-quantized (vLLM, transformers with compressed-tensors installed)"
     auto_rank = 10
 
-    def unsupported(self, job: ExportJob) -> str | None:
+    def unsupported_layout(self, job: ExportJob) -> str | None:
         if not job.is_transformers_model:
             return "only transformers models can be written as compressed-tensors; use --format fake"
         if (problem := online_ops_problem(job, "compressed-tensors")) is not None:
             return problem
-        for name, record in job.records.items():
-            if not record.groups_in_order:
+        for name, layout in job.layouts.items():
+            if not layout.groups_in_order:
                 return (f"{name} has act-order groups out of column order, which compressed-tensors >= 0.20 cannot store "
                         "(no group index); quantize with the solver option static_groups=true, or use --format gptq")
-            columns = record.shape[1]
-            if record.group_size != -1 and columns % record.group_size:
-                return (f"{name} has {columns} input columns, not a multiple of the group size {record.group_size}; "
+            columns = layout.shape[1]
+            if layout.group_size != -1 and columns % layout.group_size:
+                return (f"{name} has {columns} input columns, not a multiple of the group size {layout.group_size}; "
                         "choose a group size that divides every layer's width (SmolLM2: 64 or 32), or use --format gptq")
         return None
 

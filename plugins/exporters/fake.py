@@ -18,9 +18,6 @@ class FakeQuantExporter(Exporter):
     description = "de-quantized weights in the model's own layout (any run; compquant re-attaches online ops)"
     auto_rank = 100
 
-    def unsupported(self, job: ExportJob) -> str | None:
-        return None
-
     def convert_linear(self, record: QuantizedLinear, dtype: torch.dtype) -> dict[str, Tensor]:
         return {"weight": record.dequantize(dtype)}
 

@@ -34,22 +34,29 @@ class GptqExporter(Exporter):
         self.version = version
         self.name = "gptq" if version == 1 else "gptq-v2"
         self.checkpoint_format = "gptq" if version == 1 else "gptq_v2"
-        self.auto_rank = 20 if version == 1 else None
+        # auto prefers v1 (what every consumer reads), then v2 (GPTQModel; any zero point) before fake
+        self.auto_rank = 20 if version == 1 else 30
         self.description = ("GPTQ qweight/qzeros/scales/g_idx, v1 zeros (AutoGPTQ, transformers, vLLM)" if version == 1
                             else "GPTQ with v2 zeros stored as they are (GPTQModel only)")
 
-    def unsupported(self, job: ExportJob) -> str | None:
+    def unsupported_layout(self, job: ExportJob) -> str | None:
         if not job.is_transformers_model:
             return "only transformers models can be written as GPTQ checkpoints; use --format fake"
         if (problem := online_ops_problem(job, "GPTQ")) is not None:
             return problem
-        for name, record in job.records.items():
-            if record.bits not in PACKABLE_BITS:
-                return f"GPTQ checkpoints hold {', '.join(map(str, PACKABLE_BITS))}-bit weights, not {record.bits}-bit"
-            rows, columns = record.shape
-            if (rows * record.bits) % 32 or (columns * record.bits) % 32:
+        for name, layout in job.layouts.items():
+            if layout.bits not in PACKABLE_BITS:
+                return (f"GPTQ checkpoints hold {', '.join(map(str, PACKABLE_BITS))}-bit weights, not {layout.bits}-bit; "
+                        "choose one of those --bits, or use --format fake")
+            rows, columns = layout.shape
+            if (rows * layout.bits) % 32 or (columns * layout.bits) % 32:
                 return (f"{name} is {rows} x {columns}: GPTQ packs 32 / bits values per int32 word along both "
                         "dimensions, which these sizes do not fill; use --format fake")
+        return None
+
+    def unsupported(self, job: ExportJob) -> str | None:
+        if (problem := self.unsupported_layout(job)) is not None:
+            return problem
         if self.version == 1:
             zero_groups = {name: int((record.zero == 0).sum()) for name, record in job.records.items()}
             affected = {name: count for name, count in zero_groups.items() if count}

@@ -120,3 +120,38 @@ def test_sigkill_in_the_middle_of_a_block_then_the_same_command_resumes(model_di
     expected, actual = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_block_written_by_another_configuration_is_never_reloaded(make_llama, token_batches, tmp_path):
+    """Issue 17's mixed folder: a W3 run's checkpoint whose block 0 a W4 run wrote (its fingerprint
+    file and progress say W3). The block's own fingerprint gives it away."""
+    import shutil
+
+    w3 = QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 32})
+    w4 = w3.model_copy(update={"grid": w3.grid.model_copy(update={"bits": 4})})
+    for config, folder in ((w3, "w3"), (w4, "w4")):
+        with pytest.raises(Crash):
+            run(make_llama, token_batches, config, tmp_path / folder, CrashAt("model.layers.1.self_attn.q_proj"))
+    shutil.copy(tmp_path / "w4" / "block_00000.safetensors", tmp_path / "w3" / "block_00000.safetensors")
+    with pytest.raises(ResumeMismatchError, match=r"block_00000.safetensors in the checkpoint was written by a run with "
+                                                  r"a different model, data or config.*delete .*w3 to start over"):
+        run(make_llama, token_batches, w3, tmp_path / "w3")
+
+
+def test_nan_in_a_solvers_input_is_blamed_on_the_input_and_leaves_no_resume_folder(make_llama, token_batches,
+                                                                                      tmp_path):
+    class BreakBlockOne:  # a plugin that breaks the model after the input check, before block 1 is solved
+        @compquant.hookimpl
+        def compquant_after_block(self, index, block, report):
+            if index == 0:
+                with torch.no_grad():
+                    model.model.layers[1].mlp.up_proj.weight[0, :3] = float("nan")
+
+    model = make_llama(seed=3)
+    pm = create_plugin_manager()
+    pm.register(BreakBlockOne())
+    with pytest.raises(ArithmeticError, match=r"NaN or Inf in model.layers.1.mlp.up_proj.weight \(3 values\) before "
+                                              r"quantization \(the solver's input\)"):
+        compquant.quantize(model, QuantConfig(solver="gptq", grid={"bits": 3, "group_size": 32}),
+                           calibration=token_batches(4, 16), plugin_manager=pm, resume_dir=tmp_path / "resume")
+    assert not (tmp_path / "resume").exists()  # block 0 was checkpointed, then discarded: resuming cannot help

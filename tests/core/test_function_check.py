@@ -14,9 +14,6 @@ from compquant.models.llama import LLAMA
 
 
 class Reverse(OnlineOp):
-    def init_kwargs(self):
-        return {}
-
     def forward(self, x):
         return x.flip(-1)
 

@@ -94,3 +94,36 @@ def test_atomic_text_write_replaces_whole_files(tmp_path):
     assert path.read_text() == '{"a": 2}'
     assert [p.name for p in path.parent.iterdir()] == ["result.json"]
     assert path.stat().st_mode & 0o044
+
+
+@pytest.mark.parametrize("broken", ["lm_head.weight", "model.norm.weight"])
+def test_nan_in_the_input_is_named_before_any_work_and_nothing_is_written(model_dir, data_dir, tmp_path, capsys,
+                                                                         broken):
+    """NaN in the head or the final norm (which are not quantized) used to be saved with exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from compquant.cli import main
+
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors[broken][:2] = float("nan")
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    output = tmp_path / "out"
+    assert main(["quantize", str(model_dir), "--nsamples", "2", "--seqlen", "8", "--data-dir", str(data_dir),
+                 "-o", str(output), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the input model") and f"NaN or Inf in {broken} (" in err and err.count("\n") == 1
+    assert not output.exists() and not (tmp_path / ".out.compquant-resume").exists()
+    assert main(["eval", str(model_dir), "--seqlen", "16", "--limit", "2", "--data-dir", str(data_dir), "-q"]) == 2
+    assert "perplexity is nan: the model produced NaN or Inf logits" in capsys.readouterr().err
+
+
+def test_non_finite_tensors_are_never_written(make_llama, tmp_path):
+    model = make_llama()
+    config = QuantConfig(solver="rtn", grid={"bits": 8, "group_size": -1})
+    report = compquant.quantize(model, config)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(ArithmeticError, match=r"refusing to write the quantized model: NaN or Inf in model.norm.weight "
+                                              r"\(1 value\)"):
+        compquant.save_quantized(model, None, tmp_path / "out", config=config, report=report, format="fake")
+    assert list(tmp_path.iterdir()) == []
