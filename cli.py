@@ -252,7 +252,7 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=positive_int, help="calibration windows per forward pass")
     add("--sequential", choices=["groups", "blocks"],
         help="statistics per group after the earlier groups are quantized (groups, default) or of all groups "
-             "from one pass of the unquantized block (blocks: fewer forward passes, as llm-compressor)")
+             "from one pass of the unquantized block (blocks: llm-compressor's loop, for like-for-like comparisons)")
     add("--data-dir", help="local data folder (else $COMPQUANT_DATA_DIR, else the hub)")
     add("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
     add("--seed", type=int, help="calibration sampling seed")

@@ -1,26 +1,33 @@
-"""The layer-by-layer calibration loop.
+"""The layer-by-layer calibration loop (docs/methods.md §4).
 
-The inputs of the first block are caught once; then, block after block, the linears are quantized
-group by group in the adapter's true-sequential order (statistics recomputed before each group, so
-every group sees the outputs of the already-quantized groups before it), and the calibration
-inputs are propagated through the quantized block to become the next block's inputs. Only the
-current block sits on the compute device.
+The inputs of the first block are caught once; then, block after block, `quantize_block` quantizes
+the block's linears group by group in the adapter's true-sequential order and hands the calibration
+activations on to the next block. Only the current block sits on the compute device.
 
-When a statistic the solver asks for needs the full-precision inputs (the cross term ``dXXT`` does),
-a second, full-precision stream runs beside the quantized one, and the statistics are accumulated
-while both streams run. The full-precision inputs each group of the current block needs are either
-recomputed per group through an unquantized copy of the block (``stream``: memory of one block
-copy) or captured in one pass of the still-unquantized block before its first group is solved
-(``cache``: one forward instead of one per group, memory of tokens × the group input widths of one
-block). ``auto`` caches when that fits ``fp_cache_mib``. Nothing is kept
-beyond the current block.
+One pass per block (``sequential: groups``, the default): every calibration batch goes through the
+block once per stream, as a `PausedForward` that stops in front of each group of linears. When all
+batches wait in front of a group, its statistics are complete (the batches' inputs added in batch
+order); the group is quantized, and the batches go on through its quantized weights to the next
+group. What comes out of the last group is the next block's input. So each group is calibrated on
+the outputs of the already quantized groups before it, and each linear runs once per batch per
+stream per block. ``sequential: blocks`` (llm-compressor's loop) takes every group's statistics from
+one pass of the unquantized block, then quantizes all groups and propagates with a second pass.
+
+When a statistic needs the full-precision inputs X̃ (the cross term ``dXXT`` does), a full-precision
+stream runs beside the quantized one, and both streams' inputs of a group are added together, batch
+by batch. ``stream``: an unquantized copy of the block runs each batch beside the quantized one,
+stopped at the same groups (memory of one block copy). ``cache``: the still unquantized block runs
+each batch once before its first group is quantized, keeping every group's inputs and the block's
+outputs (memory of tokens × the group input widths of one block, no copy). ``auto`` caches when that
+fits ``fp_cache_mib``. Nothing is kept beyond the current block.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +40,7 @@ from .checkpoint import BlockCheckpoint
 from .errors import NonFiniteError
 from .finite import describe, non_finite
 from .memory import return_freed_memory
+from .paused_forward import PausedForward
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport, QuantReport
@@ -48,12 +56,18 @@ class _Caught(Exception):
 
 
 @dataclass
-class _Stream:
-    """Hidden states entering the current block, one tensor per calibration batch, with the
-    keyword arguments the model passed to the block for that batch."""
+class Activations:
+    """The calibration activations entering a block, one tensor per batch: ``hidden`` of the model
+    quantized up to this block, ``fp_hidden`` of the full-precision model (None unless a statistic
+    needs X̃), and the keyword arguments (masks, positions) the model passes its blocks per batch."""
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
+    fp_hidden: list[Tensor] | None = None
+
+
+LayerDone = Callable[[nn.Module, LayerReport, LayerResult], None]
+"""Called with each linear, its report and the solver's result once its quantized weight is in place."""
 
 
 @dataclass(frozen=True)
@@ -100,56 +114,39 @@ def calibrate(
     every newly finished block is recorded in it. ``store`` says where blocks come from and go to
     (default: they are in memory; see `compquant.core.block_store`)."""
     started = time.perf_counter()
-    wanted = plan.wanted
-    if wanted and not batches:
+    if plan.wanted and not batches:
         raise ValueError(f"solver {plan.solver_name!r} needs calibration data; none was given")
     report = QuantReport(solver=plan.solver_name)
     blocks = plan.adapter.block_list(model)
     store = store or ResidentBlocks(plan.device)
+
+    def finished(layer: nn.Module, layer_report: LayerReport, result: LayerResult) -> None:
+        report.layers.append(layer_report)
+        report.records[layer_report.name] = QuantizedLinear.from_result(result, plan.grid)
+        if hook is not None:
+            hook.compquant_after_layer(name=layer_report.name, layer=layer, result=result, layer_report=layer_report,
+                                       report=report)
+
     with torch.inference_mode():
-        stream = fp_stream = None
+        activations = None
         store.prepare_outside(model, blocks)
-        if wanted:
-            stream = _catch_block_inputs(model, plan, batches)
-            report.calibration_tokens = sum(h.shape[:-1].numel() for h in stream.hidden)
-            fp_stream = _Stream(list(stream.hidden), stream.kwargs) if plan.needs_fp_inputs else None
+        if plan.wanted:
+            activations = _catch_block_inputs(model, plan, batches)
+            report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
         store.release_outside(model, blocks)
-        start = _resume(checkpoint, blocks, plan, report, stream, fp_stream) if checkpoint is not None else 0
+        start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
         for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
                               total=len(blocks)):
             block = blocks[index]
             prefix = f"{plan.adapter.blocks}.{index}"
             store.load(prefix, block)
-            full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
-            finished = len(report.layers)
-            block_stats = None
-            if wanted and plan.sequential == "blocks":
-                block_stats = _block_statistics(block, stream, full_precision, plan, prefix)
-            for group_index, group in enumerate(plan.adapter.groups):
-                stats = None
-                if block_stats is not None:
-                    stats, block_stats[group_index] = block_stats[group_index], None
-                elif wanted:
-                    stats = _group_statistics(block, group_index, stream, full_precision, plan, prefix)
-                layers = [(f"{prefix}.{name}", block.get_submodule(name)) for name in group]
-                for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan)):
-                    report.layers.append(layer_report)
-                    report.records[layer_report.name] = QuantizedLinear.from_result(result, plan.grid)
-                    if hook is not None:
-                        hook.compquant_after_layer(name=layer_report.name, layer=layer, result=result,
-                                                   layer_report=layer_report, report=report)
-                del stats
-            if stream is not None:
-                stream.hidden = _run_block(block, stream)
-                _check_finite(stream.hidden, prefix)
-            if full_precision is not None:
-                fp_stream.hidden = full_precision.next_hidden()
-            del full_precision
-            done = report.layers[finished:]
+            first = len(report.layers)
+            activations = quantize_block(block, activations, plan, prefix, finished)
+            done = report.layers[first:]
             records = {layer.name: report.records[layer.name] for layer in done}
             if checkpoint is not None:
-                checkpoint.save_block(index, block, records, done,
-                                      stream.hidden if stream else None, fp_stream.hidden if fp_stream else None)
+                checkpoint.save_block(index, block, records, done, None if activations is None else activations.hidden,
+                                      None if activations is None else activations.fp_hidden)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
             report.records.update(store.release(prefix, block, records))
@@ -158,22 +155,70 @@ def calibrate(
     return report
 
 
+def quantize_block(
+    block: nn.Module, inputs: Activations | None, plan: CalibrationPlan, prefix: str, finished: LayerDone
+) -> Activations | None:
+    """Quantize the adapter's linears of ``block`` in place, group by group, calibrated on
+    ``inputs``, and return the activations the quantized block hands on (docs/methods.md §4).
+    ``prefix`` is the block's path in the model, for reports and errors; ``finished`` is called with
+    each linear as soon as its quantized weight is in place. ``inputs`` is None only for a solver
+    that uses no statistics: then nothing runs and None is returned.
+
+    This is the loop's unit of work: it needs nothing but its arguments and keeps nothing. An
+    exception (a solver's error, non-finite values, an interrupt) leaves no forward paused."""
+    groups = plan.adapter.groups  # the one place the loop reads the adapter's groups
+    if inputs is None:
+        for group in groups:
+            _solve(block, group, None, plan, prefix, finished)
+        return None
+    batches = range(len(inputs.hidden))
+    with contextlib.ExitStack() as running:
+        full_precision = _full_precision(block, groups, inputs, plan, prefix, running)  # before anything is quantized
+        streams = _Streams(running.enter_context(_PausedStream(block, groups, inputs.hidden, inputs.kwargs, prefix)),
+                           full_precision)
+        if plan.sequential == "groups":
+            for index, group in enumerate(groups):
+                statistics = _GroupStatistics(plan, f"{prefix}.{group[0]}")
+                for batch in batches:
+                    statistics.add(*streams.inputs(index, batch))
+                _solve(block, group, statistics.result(), plan, prefix, finished)
+            hidden = [streams.finish(batch) for batch in batches]
+        else:
+            collected = [_GroupStatistics(plan, f"{prefix}.{group[0]}") for group in groups]
+            for batch in batches:  # nothing is quantized during this pass, so one batch at a time
+                for index, statistics in enumerate(collected):
+                    statistics.add(*streams.inputs(index, batch))
+                streams.finish(batch)  # the unquantized block's output: not handed on
+            for group, statistics in zip(groups, collected):
+                _solve(block, group, statistics.result(), plan, prefix, finished)
+            hidden = _run_block(block, inputs)
+    _check_finite(hidden, prefix)
+    return Activations(hidden, inputs.kwargs, streams.fp_hidden)
+
+
+def _solve(block: nn.Module, group: Sequence[str], stats: LayerStatistics | None, plan: CalibrationPlan, prefix: str,
+           finished: LayerDone) -> None:
+    layers = [(f"{prefix}.{name}", block.get_submodule(name)) for name in group]
+    for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan)):
+        finished(layer, layer_report, result)
+
+
 def _resume(
     checkpoint: BlockCheckpoint,
     blocks: Sequence[nn.Module],
     plan: CalibrationPlan,
     report: QuantReport,
-    stream: _Stream | None,
-    fp_stream: _Stream | None,
+    activations: Activations | None,
 ) -> int:
-    """Reload the finished blocks recorded in ``checkpoint``; return the first block left to do."""
+    """Reload the finished blocks recorded in ``checkpoint`` and the activations entering the next
+    one; return the first block left to do."""
     resumed, records, layers = checkpoint.restore(blocks, plan.adapter.blocks, plan.grid)
     report.records.update(records)
     report.layers.extend(layers)
-    if resumed.blocks_done and stream is not None:
-        stream.hidden = [h.to(plan.device) for h in resumed.hidden]
-        if fp_stream is not None:
-            fp_stream.hidden = [h.to(plan.device) for h in resumed.fp_hidden]
+    if resumed.blocks_done and activations is not None:
+        activations.hidden = [h.to(plan.device) for h in resumed.hidden]
+        if activations.fp_hidden is not None:
+            activations.fp_hidden = [h.to(plan.device) for h in resumed.fp_hidden]
     return resumed.blocks_done
 
 
@@ -228,14 +273,15 @@ def relative_output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) ->
     return float(torch.sum((delta @ hessian) * delta) / reference) if reference > 0 else 0.0
 
 
-def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> _Stream:
-    """Run the model on each batch up to the first block and keep what the block would receive."""
+def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> Activations:
+    """Run the model on each batch up to the first block and keep what the block would receive
+    (twice over, as the full-precision stream too, when a statistic needs X̃)."""
     blocks = plan.adapter.block_list(model)
-    stream = _Stream([], [])
+    caught = Activations([], [])
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        stream.hidden.append(args[0])
-        stream.kwargs.append(kwargs)
+        caught.hidden.append(args[0])
+        caught.kwargs.append(kwargs)
         raise _Caught
 
     moved = _move_outside_blocks(model, blocks, plan.device)
@@ -250,144 +296,140 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequen
         handle.remove()
         for module, device in moved:
             module.to(device)
-    return stream
+    if plan.needs_fp_inputs:
+        caught.fp_hidden = list(caught.hidden)
+    return caught
 
 
-class _FullPrecisionInputs:
-    """The full-precision inputs of every group of the current block, and the block's full-precision
-    outputs, computed from the full-precision stream while the block is still unquantized."""
+class _PausedStream:
+    """One stream's batches through ``block``, each a `PausedForward` (started when first asked
+    for) that stops in front of every group, at whichever of the group's linears runs first."""
 
-    def __init__(self, block: nn.Module, plan: CalibrationPlan, fp_stream: _Stream) -> None:
-        self.firsts = [group[0] for group in plan.adapter.groups]
-        self.stream = fp_stream
-        widths = sum(block.get_submodule(name).in_features for name in self.firsts)
-        example = fp_stream.hidden[0]
-        size = sum(h.shape[:-1].numel() for h in fp_stream.hidden) * widths * example.element_size()
-        cache = plan.fp_inputs == "cache" or (plan.fp_inputs == "auto" and size <= plan.fp_cache_bytes)
-        log.debug("full-precision inputs: %s (%.0f MiB if cached)", "cached" if cache else "streamed", size / 2**20)
-        self.copy: nn.Module | None = None if cache else copy.deepcopy(block)
-        self.cached: list[list[Tensor]] | None = None
-        self.outputs: list[Tensor] | None = None
-        if cache:
-            self.cached, self.outputs = _capture_group_inputs(block, self.firsts, fp_stream)
+    def __init__(self, block: nn.Module, groups: Sequence[Sequence[str]], hidden: Sequence[Tensor],
+                 kwargs: Sequence[dict[str, Any]], prefix: str) -> None:
+        self.block, self.groups, self.hidden, self.kwargs, self.prefix = block, groups, hidden, kwargs, prefix
+        self.stops = {block.get_submodule(name): index for index, group in enumerate(groups) for name in group}
+        self.forwards: list[PausedForward | None] = [None] * len(hidden)
 
-    def inputs(self, group_index: int, batch_index: int) -> Tensor:
-        if self.cached is not None:
-            return self.cached[group_index][batch_index]
-        hidden, kwargs = self.stream.hidden[batch_index], self.stream.kwargs[batch_index]
-        return _input_of(self.copy, self.firsts[group_index], hidden, kwargs)
+    def __enter__(self) -> _PausedStream:
+        return self
 
-    def release(self, group_index: int) -> None:
-        """The group's statistics are complete: its cached inputs are no longer needed."""
-        if self.cached is not None:
-            self.cached[group_index] = []
+    def __exit__(self, *exc_info: object) -> None:
+        for forward in self.forwards:
+            if forward is not None:
+                forward.close()
 
-    def next_hidden(self) -> list[Tensor]:
-        return self.outputs if self.outputs is not None else _run_block(self.copy, self.stream)
+    def inputs(self, group: int, batch: int) -> Tensor:
+        """What group ``group``'s linears receive in batch ``batch``: the batch's forward goes on (through
+        the groups before, as they now are) to the group's first linear, and waits there."""
+        if self.forwards[batch] is None:
+            self.forwards[batch] = PausedForward(self.block, (self.hidden[batch],), self.kwargs[batch], self.stops)
+        stop = self.forwards[batch].advance()
+        if stop is None:
+            raise RuntimeError(f"{self.prefix}.{self.groups[group][0]} was not called when its block ran; the adapter's "
+                               "groups do not match the model")
+        if stop.key != group:
+            name = next(name for name in self.groups[stop.key] if self.block.get_submodule(name) is stop.module)
+            raise RuntimeError(f"{self.prefix}.{name} (group {stop.key + 1}) ran before any linear of group {group + 1} "
+                               f"({', '.join(self.groups[group])}); the adapter must list its groups in the order in "
+                               "which the block calls them")
+        return stop.args[0]
 
-
-def _capture_group_inputs(block: nn.Module, firsts: list[str], stream: _Stream) -> tuple[list[list[Tensor]], list[Tensor]]:
-    """One full pass of ``block`` per batch, keeping each named linear's input and the block output."""
-    captured: list[list[Tensor]] = [[] for _ in firsts]
-    handles = [
-        block.get_submodule(name).register_forward_pre_hook(lambda module, args, i=i: captured[i].append(args[0]))
-        for i, name in enumerate(firsts)
-    ]
-    try:
-        outputs = _run_block(block, stream)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured, outputs
+    def output(self, batch: int) -> Tensor:
+        """The block's output for batch ``batch``, whose forward has passed every group: it runs to the end."""
+        forward, self.forwards[batch] = self.forwards[batch], None
+        assert forward.advance() is None, "every group has been passed, so the forward cannot stop again"
+        return _hidden_of(forward.output)
 
 
-def _block_statistics(
-    block: nn.Module, stream: _Stream, full_precision: _FullPrecisionInputs | None, plan: CalibrationPlan, prefix: str
-) -> list[LayerStatistics | None]:
-    """Every group's statistics from one pass of the block as it is (``sequential: blocks``)."""
-    firsts = [group[0] for group in plan.adapter.groups]
-    accumulators: list[StatisticsAccumulator | None] = [None] * len(firsts)
-    batch_index = 0
+class _CachedStream:
+    """The full-precision inputs of every group and the block's outputs, kept from one pass per batch
+    of the still unquantized block (``fp_inputs: cache``); each is handed out once, then dropped."""
 
-    def accumulate(group_index: int, inputs: Tensor) -> None:
-        if accumulators[group_index] is None:
-            accumulators[group_index] = plan.accumulator(inputs.shape[-1])
-        fp_inputs = full_precision.inputs(group_index, batch_index) if full_precision is not None else None
-        accumulators[group_index].add(inputs, fp_inputs)
+    def __init__(self, block: nn.Module, groups: Sequence[Sequence[str]], hidden: Sequence[Tensor],
+                 kwargs: Sequence[dict[str, Any]], prefix: str) -> None:
+        self.inputs_of: list[list[Tensor | None]] = []
+        self.outputs: list[Tensor | None] = []
+        with _PausedStream(block, groups, hidden, kwargs, prefix) as stream:
+            for batch in range(len(hidden)):
+                self.inputs_of.append([stream.inputs(group, batch) for group in range(len(groups))])
+                self.outputs.append(stream.output(batch))
 
-    handles = [block.get_submodule(name).register_forward_pre_hook(lambda module, args, i=i: accumulate(i, args[0]))
-               for i, name in enumerate(firsts)]
-    try:
-        for batch_index, (hidden, kwargs) in enumerate(zip(stream.hidden, stream.kwargs)):
-            block(hidden, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if full_precision is not None:
-        for group_index in range(len(firsts)):
-            full_precision.release(group_index)
-    return [_finished(accumulator, f"{prefix}.{name}") for accumulator, name in zip(accumulators, firsts)]
+    def inputs(self, group: int, batch: int) -> Tensor:
+        inputs, self.inputs_of[batch][group] = self.inputs_of[batch][group], None
+        return inputs
+
+    def output(self, batch: int) -> Tensor:
+        output, self.outputs[batch] = self.outputs[batch], None
+        return output
 
 
-def _finished(accumulator: StatisticsAccumulator | None, name: str) -> LayerStatistics:
-    if accumulator is None:
-        raise RuntimeError(f"{name} was not called when its block ran; the adapter's groups do not match the model")
-    try:
-        return accumulator.result()
-    except NonFiniteStatisticsError as error:
-        raise NonFiniteStatisticsError(
-            f"{error} at the inputs of {name}; the model produced non-finite activations there, nothing was written"
-        ) from None
+def _full_precision(block: nn.Module, groups: Sequence[Sequence[str]], inputs: Activations, plan: CalibrationPlan,
+                    prefix: str, running: contextlib.ExitStack) -> _PausedStream | _CachedStream | None:
+    """Where this block's X̃ comes from (``fp_inputs``, see the module docstring), or None when no
+    statistic needs it. A paused copy is closed with ``running``."""
+    if inputs.fp_hidden is None:
+        return None
+    widths = sum(block.get_submodule(group[0]).in_features for group in groups)
+    size = sum(h.shape[:-1].numel() for h in inputs.fp_hidden) * widths * inputs.fp_hidden[0].element_size()
+    cache = plan.fp_inputs == "cache" or (plan.fp_inputs == "auto" and size <= plan.fp_cache_bytes)
+    log.debug("full-precision inputs: %s (%.0f MiB if cached)", "cached" if cache else "streamed", size / 2**20)
+    if cache:
+        return _CachedStream(block, groups, inputs.fp_hidden, inputs.kwargs, prefix)
+    return running.enter_context(_PausedStream(copy.deepcopy(block), groups, inputs.fp_hidden, inputs.kwargs, prefix))
 
 
-def _group_statistics(
-    block: nn.Module,
-    group_index: int,
-    stream: _Stream,
-    full_precision: _FullPrecisionInputs | None,
-    plan: CalibrationPlan,
-    prefix: str,
-) -> LayerStatistics:
-    first = plan.adapter.groups[group_index][0]
-    accumulator: StatisticsAccumulator | None = None
-    for index, hidden in enumerate(stream.hidden):
-        inputs = _input_of(block, first, hidden, stream.kwargs[index])
-        fp_inputs = full_precision.inputs(group_index, index) if full_precision is not None else None
-        if accumulator is None:
-            accumulator = plan.accumulator(inputs.shape[-1])
-        accumulator.add(inputs, fp_inputs)
-    if full_precision is not None:
-        full_precision.release(group_index)
-    return _finished(accumulator, f"{prefix}.{first}")
+class _Streams:
+    """The quantized stream's batches through the block and, beside them, the full-precision ones
+    (None when no statistic needs X̃), read together batch by batch."""
+
+    def __init__(self, quantized: _PausedStream, full_precision: _PausedStream | _CachedStream | None) -> None:
+        self.quantized, self.full_precision = quantized, full_precision
+        self.fp_hidden: list[Tensor] | None = None if full_precision is None else []
+
+    def inputs(self, group: int, batch: int) -> tuple[Tensor, Tensor | None]:
+        """X and X̃ (or None) of group ``group`` in batch ``batch``."""
+        fp_inputs = None if self.full_precision is None else self.full_precision.inputs(group, batch)
+        return self.quantized.inputs(group, batch), fp_inputs
+
+    def finish(self, batch: int) -> Tensor:
+        """Run batch ``batch`` to the block's end in both streams; keep the full-precision output in
+        ``fp_hidden`` (batches are finished in order) and return the quantized stream's."""
+        if self.full_precision is not None:
+            self.fp_hidden.append(self.full_precision.output(batch))
+        return self.quantized.output(batch)
 
 
-def _input_of(block: nn.Module, name: str, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    """The input ``block.<name>`` receives (after any attached input ops), running the block only
-    as far as needed."""
-    seen: list[Tensor] = []
+class _GroupStatistics:
+    """The solver's statistics of one group's inputs, added batch by batch; ``name`` (the group's
+    first linear) is for errors."""
 
-    def catch(module: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        raise _Caught
+    def __init__(self, plan: CalibrationPlan, name: str) -> None:
+        self.plan, self.name = plan, name
+        self.accumulator: StatisticsAccumulator | None = None
 
-    handle = block.get_submodule(name).register_forward_pre_hook(catch)
-    try:
-        block(hidden, **kwargs)
-    except _Caught:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError(f"{name} was not called when its block ran; the adapter's groups do not match the model")
-    return seen[0]
+    def add(self, inputs: Tensor, fp_inputs: Tensor | None) -> None:
+        if self.accumulator is None:
+            self.accumulator = self.plan.accumulator(inputs.shape[-1])
+        self.accumulator.add(inputs, fp_inputs)
+
+    def result(self) -> LayerStatistics:
+        try:
+            return self.accumulator.result()
+        except NonFiniteStatisticsError as error:
+            raise NonFiniteStatisticsError(
+                f"{error} at the inputs of {self.name}; the model produced non-finite activations there, nothing was "
+                "written"
+            ) from None
 
 
-def _run_block(block: nn.Module, stream: _Stream) -> list[Tensor]:
-    outputs = []
-    for hidden, kwargs in zip(stream.hidden, stream.kwargs):
-        out = block(hidden, **kwargs)
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-    return outputs
+def _run_block(block: nn.Module, activations: Activations) -> list[Tensor]:
+    return [_hidden_of(block(hidden, **kwargs)) for hidden, kwargs in zip(activations.hidden, activations.kwargs)]
+
+
+def _hidden_of(output: Any) -> Tensor:
+    """The hidden states in a block's output (transformers' blocks return a tuple, timm's a tensor)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> list[tuple[nn.Module, torch.device]]:

@@ -305,11 +305,12 @@ def update_block(block: LazyBlock, j: int) -> None:
     if j + 1 == block.stop:
         return
     i = j - block.start
-    coefficients = [-block.errors[:, i : i + 1]]
-    if block.compensation.terms:  # GPTQ alone needs no view of w_j
+    coefficients = -block.errors[:, i : i + 1]
+    if block.compensation.terms:  # GPTQ alone needs no view of w_j, nor a copy into a stack of one
         column = block.values[:, i : i + 1]
-        coefficients += [term.coefficient(column, slice(j, j + 1)) for term in block.compensation.terms]
-    block.values[:, i + 1 :].addmm_(torch.cat(coefficients, dim=1), block.inside[:, i, i + 1 :])
+        coefficients = torch.cat([coefficients] + [term.coefficient(column, slice(j, j + 1))
+                                                   for term in block.compensation.terms], dim=1)
+    block.values[:, i + 1 :].addmm_(coefficients, block.inside[:, i, i + 1 :])
 
 
 def flush_block(block: LazyBlock, w: Tensor) -> None:

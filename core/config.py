@@ -48,15 +48,17 @@ class CalibrationConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
     fp_inputs: Literal["auto", "stream", "cache"] = Field(
         "auto",
-        description="full-precision inputs for GPTAQ/ResComp: recomputed per group (stream), captured once per "
-        "block (cache), or cache when it fits fp_cache_mib (auto)",
+        description="full-precision inputs for GPTAQ/ResComp: an unquantized copy of each block run beside the "
+        "quantized one (stream), each group's inputs kept from one pass of the unquantized block (cache), or cache "
+        "when it fits fp_cache_mib (auto)",
     )
     fp_cache_mib: int = Field(2048, ge=0, description="memory allowed for cached full-precision inputs of one block")
     sequential: Literal["groups", "blocks"] = Field(
         "groups",
         description="statistics of each group after the groups before it in its block are quantized (groups: "
         "true-sequential, as the GPTQ/GPTAQ/ResComp papers), or of every group from one pass of the unquantized "
-        "block (blocks: as llm-compressor and AutoGPTQ without true-sequential; two block passes instead of one per group)",
+        "block (blocks: as llm-compressor and AutoGPTQ without true-sequential); groups runs each block once per batch "
+        "and stream, blocks twice for the quantized stream",
     )
 
 

@@ -107,6 +107,7 @@ def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, tok
     with pytest.raises(ArithmeticError, match=r"model.layers.1.self_attn.q_proj.*non-finite activations"):
         compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(2, 8))
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, before)
+    assert not forward_threads()  # raised while the block's forwards waited in front of q/k/v
 
 
 def test_a_block_whose_quantized_output_overflows_stops_the_run_with_its_name(make_llama, token_batches):
@@ -274,8 +275,14 @@ def test_full_precision_stream_only_when_the_solver_asks(make_llama, token_batch
     from compquant.core import calibration as loop
 
     made = []
-    real = loop._FullPrecisionInputs.__init__
-    monkeypatch.setattr(loop._FullPrecisionInputs, "__init__", lambda self, *a: made.append(1) or real(self, *a))
+    real = loop._full_precision
+
+    def counted(*args):
+        source = real(*args)
+        made.extend([] if source is None else [source])
+        return source
+
+    monkeypatch.setattr(loop, "_full_precision", counted)
     for solver, options, expected in (("gptq", {}, 0), ("gptaq", {}, 2), ("rescomp", {}, 2), ("rescomp", {"base": "gptq"}, 0)):
         made.clear()
         config = QuantConfig(solver=solver, solver_options=options, grid={"group_size": 32})
@@ -353,3 +360,206 @@ def test_a_group_solved_stacked_equals_its_linears_solved_one_by_one(make_llama,
     for name, record in stacked.records.items():
         assert torch.equal(record.codes, one_by_one.records[name].codes), name
         assert torch.allclose(record.scale, one_by_one.records[name].scale), name
+
+
+# ------------------------------------------------------------------ one pass per block
+STREAMS = {"rtn": 0, "gptq": 1, "gptaq": 2, "rescomp": 2}  # the built-ins' streams: quantized, + full precision
+
+
+def linear_calls(model):
+    """Calls of every linear in the blocks, by name; copies of a block (the full-precision stream's)
+    count under the same names."""
+    calls = {}
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, nn.Linear):
+            module.register_forward_pre_hook(lambda m, args, name=name: calls.update({name: calls.get(name, 0) + 1}))
+    return calls
+
+
+@pytest.mark.parametrize("sequential", ["groups", "blocks"])
+def test_every_linear_runs_once_per_batch_per_stream_per_block(make_llama, token_batches, sequential):
+    from compquant.core.plugin_manager import registry_for
+
+    registry = registry_for(None)
+    cases = [(name, {}) for name in registry.names("solver")] + [("rescomp", {"base": "gptq"})]
+    for solver, options in cases:
+        instance = registry.get("solver", solver)
+        wanted = instance.statistics(instance.options(options))
+        streams = (1 + any(s.needs_fp_inputs for s in wanted)) if wanted else 0
+        assert solver not in STREAMS or options or streams == STREAMS[solver], solver
+        model = make_llama()
+        calls = linear_calls(model)
+        config = QuantConfig(solver=solver, solver_options=options, grid={"bits": 3, "group_size": 32},
+                             calibration={"batch_size": 2, "sequential": sequential})
+        compquant.quantize(model, config, calibration=token_batches(6, 16))  # 3 batches, 2 blocks
+        passes = streams + (sequential == "blocks" and streams > 0)  # blocks: the quantized stream twice
+        assert len(calls) == (14 if passes else 0) and set(calls.values()) <= {3 * passes}, (solver, options, calls)
+
+
+def forward_threads():
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name.startswith("compquant-forward")]
+
+
+def rerunning_reference_block(block, inputs, plan, prefix, finished):
+    """The loop as it was before one pass per block, kept as the reference: each group's inputs
+    come from re-running the block from its input up to the group's first linear for every batch
+    (X̃ likewise through an unquantized copy), then the quantized block runs once more."""
+    from compquant.core import calibration as loop
+
+    original = copy.deepcopy(block) if inputs.fp_hidden is not None else None
+
+    class Caught(Exception):
+        pass
+
+    def input_of(module, name, hidden, kwargs):
+        seen = []
+        handle = module.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]) or throw())
+        try:
+            module(hidden, **kwargs)
+        except Caught:
+            pass
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def throw():
+        raise Caught
+
+    def statistics(group):
+        accumulator = plan.accumulator(block.get_submodule(group[0]).in_features)
+        for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            fp = None if original is None else input_of(original, group[0], inputs.fp_hidden[index], kwargs)
+            accumulator.add(input_of(block, group[0], hidden, kwargs), fp)
+        return accumulator.result()
+
+    def run(module, hidden):
+        outputs = [module(h, **kwargs) for h, kwargs in zip(hidden, inputs.kwargs)]
+        return [out[0] if isinstance(out, tuple) else out for out in outputs]
+
+    groups = plan.adapter.groups
+    if plan.sequential == "blocks":
+        for group, stats in zip(groups, [statistics(group) for group in groups]):
+            loop._solve(block, group, stats, plan, prefix, finished)
+    else:
+        for group in groups:
+            loop._solve(block, group, statistics(group), plan, prefix, finished)
+    return loop.Activations(run(block, inputs.hidden), inputs.kwargs,
+                            None if original is None else run(original, inputs.fp_hidden))
+
+
+def one_pass_and_reference(make_llama, token_batches, monkeypatch, config):
+    from compquant.core import calibration as loop
+
+    results = []
+    for block_function in (loop.quantize_block, rerunning_reference_block):
+        monkeypatch.setattr(loop, "quantize_block", block_function)
+        model = make_llama()
+        report = compquant.quantize(model, config, calibration=token_batches(6, 24))
+        results.append((model.state_dict(), report))
+    return results
+
+
+SOLVER_CASES = [("gptq", {"act_order": True}), ("gptaq", {}), ("rescomp", {"base": "gptaq"}), ("rescomp", {"base": "gptq"})]
+
+
+@pytest.mark.parametrize("sequential", ["groups", "blocks"])
+@pytest.mark.parametrize("solver, options", SOLVER_CASES)
+def test_one_pass_is_bit_identical_to_the_rerunning_loop_in_float64(make_llama, token_batches, monkeypatch, solver,
+                                                                   options, sequential):
+    config = QuantConfig(solver=solver, solver_options=options, grid={"bits": 3, "group_size": 32}, stats_dtype="float64",
+                         calibration={"batch_size": 2, "sequential": sequential})
+    (state, report), (expected_state, expected) = one_pass_and_reference(make_llama, token_batches, monkeypatch, config)
+    assert [layer.name for layer in report.layers] == [layer.name for layer in expected.layers]
+    for name, record in expected.records.items():
+        assert torch.equal(report.records[name].codes, record.codes), name
+        assert torch.equal(report.records[name].scale, record.scale), name
+    assert all(torch.equal(tensor, expected_state[name]) for name, tensor in state.items())
+
+
+@pytest.mark.parametrize("solver, options", SOLVER_CASES)
+def test_one_pass_equals_the_rerunning_loop_to_float32_noise(make_llama, token_batches, monkeypatch, solver, options):
+    """(Same operations on the same inputs: on one machine the codes come out identical; across
+    thread counts and CPUs float32 may round differently, which is all this test allows.)"""
+    config = QuantConfig(solver=solver, solver_options=options, grid={"bits": 3, "group_size": 32},
+                         calibration={"batch_size": 2, "fp_inputs": "stream"})
+    (_, report), (_, expected) = one_pass_and_reference(make_llama, token_batches, monkeypatch, config)
+    for ours, theirs in zip(report.layers, expected.layers):
+        assert (report.records[ours.name].codes != expected.records[ours.name].codes).float().mean() < 0.01, ours.name
+        assert ours.relative_error == pytest.approx(theirs.relative_error, rel=1e-3), ours.name
+
+
+class FailingGPTQ(GPTQ):
+    """GPTQ that raises the given exception when asked to solve its ``at``-th group."""
+
+    def __init__(self, error, at):
+        self.error, self.at, self.calls = error, at, 0
+
+    def solve(self, weight, stats, grid, options):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return super().solve(weight, stats, grid, options)
+
+
+@pytest.mark.parametrize("error", [ArithmeticError("the solve diverged"), KeyboardInterrupt("stop")])
+def test_an_error_between_paused_forwards_propagates_and_leaves_no_forward_running(make_llama, token_batches, error):
+    pm = create_plugin_manager(load_entry_points=False)
+    pm.register(RegisterRecording(FailingGPTQ(error, at=3)))  # block 0's gate/up: q/k/v and o are done
+    config = QuantConfig(solver="recording-gptq", grid={"bits": 3, "group_size": 32}, calibration={"batch_size": 2})
+    with pytest.raises(type(error), match=str(error)):
+        compquant.quantize(make_llama(), config, calibration=token_batches(6, 16), plugin_manager=pm)
+    assert not forward_threads()
+
+
+def test_an_interrupt_while_a_forward_computes_unwinds_every_forward(make_llama, token_batches):
+    """Ctrl-C arrives while a paused forward is computing (the loop waits for it): the interrupt is
+    raised in the caller at once and the forward unwinds at its next stop."""
+    import os
+    import signal
+
+    model = make_llama()
+    interrupted = []
+
+    def interrupt(module, args):
+        if not interrupted:
+            interrupted.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model.model.layers[1].mlp.act_fn.register_forward_pre_hook(interrupt)  # between gate/up and down_proj
+    with pytest.raises(KeyboardInterrupt):
+        compquant.quantize(model, QuantConfig(solver="gptaq", grid={"group_size": 32},
+                                              calibration={"batch_size": 2, "fp_inputs": "stream"}),
+                           calibration=token_batches(4, 16))
+    assert interrupted and not forward_threads()
+
+
+def test_an_error_raised_inside_the_block_reaches_the_caller_with_its_message(make_llama, token_batches):
+    model = make_llama()
+
+    def broken(module, args):
+        raise RuntimeError("attention kernel failed")
+
+    model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(broken)
+    with pytest.raises(RuntimeError, match="attention kernel failed"):
+        compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(4, 16))
+    assert not forward_threads()
+
+
+def test_groups_listed_out_of_the_blocks_order_are_a_clear_error():
+    torch.manual_seed(0)
+    pm = create_plugin_manager(load_entry_points=False)
+
+    class Reversed:
+        @compquant.hookimpl
+        def compquant_register_adapters(self, register):
+            register("toy", ArchitectureAdapter(name="toy", model_types=("toy-mlp",), blocks="blocks",
+                                                groups=(("fc2",), ("fc1",))))
+
+    pm.register(Reversed())
+    inputs = torch.randn(4, 10, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.fc1 \(group 2\) ran before any linear of group 1 \(fc2\)"):
+        compquant.quantize(ToyModel(), QuantConfig(solver="gptq", grid={"bits": 4, "group_size": -1}),
+                           calibration=inputs, plugin_manager=pm)
+    assert not forward_threads()
