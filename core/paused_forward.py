@@ -2,33 +2,31 @@
 of docs/methods.md §4 runs each calibration batch through a block this way, stopped in front of
 every group of linears until that group is quantized.
 
-The forward runs in a thread of its own, because Python can hold a call stack half way only in a
-thread (or a generator, which the block's code is not). A forward pre-hook on each *stop* module
-hands the module's inputs to the caller and waits there for the word to go on. The caller and the
-forward take turns strictly: `PausedForward.advance` lets the forward run and waits until it stops
-again, so exactly one thread computes at any time and torch's intra-op threads are never
-oversubscribed, however many forwards are paused. Nothing is traced: the module runs its own code
-(transformers', timm's), hooks and online ops included.
+The forward runs in a greenlet of its own: a call stack that can be held half way and switched to
+and from within the calling thread (Python holds a half-run call stack only in a thread, a
+greenlet, or a generator, which the block's code is not). A forward pre-hook on each *stop* module
+hands the module's inputs to the caller and switches back to it. The caller and the forward take
+turns strictly, so exactly one of them computes at any time and torch's intra-op threads are never
+oversubscribed, however many forwards are paused. Being one thread also means one heap: threads
+would each keep their own allocator arena of freed temporaries (several times the loop's memory).
+Nothing is traced: the module runs its own code (transformers', timm's), hooks and online ops
+included. The forward shares the caller's thread state (grad and inference modes): the block's code
+must not leave such a mode switched at a stop, which no layer's forward does.
 
 A forward that will not be resumed is unwound by `close` (a `BaseException` raised at its stop, so
 no ``except Exception`` in the model's code swallows it); an exception raised inside the forward
-reaches the caller from `advance` with its message and traceback. Either way the thread has ended
-when `close` returns, and a `PausedForward` is a context manager that closes itself.
+reaches the caller from `advance` with its message and traceback. A `PausedForward` is a context
+manager that closes itself.
 """
 from __future__ import annotations
 
 import contextvars
-import threading
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from queue import SimpleQueue
 from typing import Any
 
-import torch
+import greenlet
 from torch import nn
-
-_GO = "go"
-_CANCEL = "cancel"
 
 
 class _Cancelled(BaseException):
@@ -54,10 +52,8 @@ class _Returned:
 class PausedForward:
     """``module(*args, **kwargs)``, stopped just before the first call of any module in ``stops``
     with a key it has not stopped at yet (so once per key: a group of linears sharing a key stops
-    the forward once, at whichever of them runs first). Nothing runs until the first `advance`.
-
-    The forward inherits the creating thread's context variables and its grad and inference modes
-    (torch keeps those per thread)."""
+    the forward once, at whichever of them runs first). Nothing runs until the first `advance`;
+    the forward sees the creating caller's context variables."""
 
     def __init__(self, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any],
                  stops: Mapping[nn.Module, Hashable]) -> None:
@@ -65,14 +61,10 @@ class PausedForward:
         self.finished = False
         self._stops = stops
         self._passed: set[Hashable] = set()
-        self._commands: SimpleQueue[str] = SimpleQueue()  # to the forward: _GO or _CANCEL
-        self._events: SimpleQueue[Stop | _Returned | BaseException] = SimpleQueue()  # from the forward
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        self._thread = threading.Thread(target=contextvars.copy_context().run,
-                                        args=(self._run, module, args, dict(kwargs), modes),
-                                        name=f"compquant-forward-{type(module).__name__}", daemon=True)
+        self._call = (module, args, dict(kwargs))
+        self._forward = greenlet.greenlet(self._run)
+        self._forward.gr_context = contextvars.copy_context()
         self._handles = [stop.register_forward_pre_hook(self._stop) for stop in dict.fromkeys(stops)]
-        self._thread.start()
 
     def __enter__(self) -> PausedForward:
         return self
@@ -85,8 +77,7 @@ class PausedForward:
         (its result is then in ``output``). An exception the forward raised is raised here."""
         if self.finished:
             raise RuntimeError("this forward has already returned or failed; it cannot be advanced")
-        self._commands.put(_GO)
-        event = self._events.get()
+        event = self._forward.switch()
         if isinstance(event, Stop):
             return event
         self.finished = True
@@ -97,36 +88,31 @@ class PausedForward:
         return None
 
     def close(self) -> None:
-        """Unwind the forward where it stopped (or before it started) and wait for its thread. When the
-        caller was interrupted while the forward ran, the forward unwinds at its next stop, or ends."""
+        """Unwind the forward where it stopped (its ``finally`` blocks run); one that never started
+        is dropped."""
         self.finished = True
-        self._commands.put(_CANCEL)
+        if self._forward:  # a greenlet is true while it has started and not ended
+            self._forward.throw(_Cancelled)
         self._end()
 
     def _end(self) -> None:
-        self._thread.join()
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._call = None
 
-    def _run(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], modes: tuple[bool, bool]) -> None:
-        grad, inference = modes
+    def _run(self) -> _Returned | BaseException | None:
+        module, args, kwargs = self._call
         try:
-            if self._commands.get() == _CANCEL:
-                return
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                output = module(*args, **kwargs)
-            self._events.put(_Returned(output))
+            return _Returned(module(*args, **kwargs))
         except _Cancelled:
-            pass
+            return None
         except BaseException as error:  # the caller re-raises it; nothing is lost by catching it here
-            self._events.put(error)
+            return error
 
     def _stop(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """The pre-hook: stop here if this is the forward's own thread and the key is new."""
-        if threading.get_ident() != self._thread.ident or self._stops[module] in self._passed:
+        """The pre-hook: stop here if this is the forward's own greenlet and the key is new."""
+        if greenlet.getcurrent() is not self._forward or self._stops[module] in self._passed:
             return
         self._passed.add(self._stops[module])
-        self._events.put(Stop(self._stops[module], module, args))
-        if self._commands.get() == _CANCEL:
-            raise _Cancelled
+        self._forward.parent.switch(Stop(self._stops[module], module, args))

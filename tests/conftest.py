@@ -26,6 +26,21 @@ def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
+def live_forwards():
+    """Lists the paused forwards (`compquant.core.paused_forward`) whose call stacks are still held:
+    a run that ends, however it ends, leaves none."""
+    import gc
+
+    import greenlet
+
+    def live() -> list:
+        return [g for g in gc.get_objects()
+                if isinstance(g, greenlet.greenlet) and g.parent is not None and g]  # true: started, not ended
+
+    return live
+
+
+@pytest.fixture
 def make_llama():
     """Factory for a tiny random causal LM of the Llama family (2 layers, hidden 64)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config

@@ -100,14 +100,14 @@ def test_gptq_without_calibration_or_tokenizer_says_what_is_missing(make_llama):
         compquant.quantize(make_llama(), QuantConfig(solver="gptq"))
 
 
-def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, token_batches):
+def test_non_finite_activations_stop_the_run_with_the_layer_name(make_llama, token_batches, live_forwards):
     model = make_llama()  # finite weights (those are checked first), activations turned NaN
     model.model.layers[1].input_layernorm.register_forward_hook(lambda module, args, output: output * float("nan"))
     before = model.model.layers[1].self_attn.q_proj.weight.clone()
     with pytest.raises(ArithmeticError, match=r"model.layers.1.self_attn.q_proj.*non-finite activations"):
         compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(2, 8))
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight, before)
-    assert not forward_threads()  # raised while the block's forwards waited in front of q/k/v
+    assert not live_forwards()  # raised while the block's forwards waited in front of q/k/v
 
 
 def test_a_block_whose_quantized_output_overflows_stops_the_run_with_its_name(make_llama, token_batches):
@@ -396,12 +396,6 @@ def test_every_linear_runs_once_per_batch_per_stream_per_block(make_llama, token
         assert len(calls) == (14 if passes else 0) and set(calls.values()) <= {3 * passes}, (solver, options, calls)
 
 
-def forward_threads():
-    import threading
-
-    return [thread for thread in threading.enumerate() if thread.name.startswith("compquant-forward")]
-
-
 def rerunning_reference_block(block, inputs, plan, prefix, finished):
     """The loop as it was before one pass per block, kept as the reference: each group's inputs
     come from re-running the block from its input up to the group's first linear for every batch
@@ -504,18 +498,19 @@ class FailingGPTQ(GPTQ):
 
 
 @pytest.mark.parametrize("error", [ArithmeticError("the solve diverged"), KeyboardInterrupt("stop")])
-def test_an_error_between_paused_forwards_propagates_and_leaves_no_forward_running(make_llama, token_batches, error):
+def test_an_error_between_paused_forwards_propagates_and_leaves_no_forward_running(make_llama, token_batches, error,
+                                                                                   live_forwards):
     pm = create_plugin_manager(load_entry_points=False)
     pm.register(RegisterRecording(FailingGPTQ(error, at=3)))  # block 0's gate/up: q/k/v and o are done
     config = QuantConfig(solver="recording-gptq", grid={"bits": 3, "group_size": 32}, calibration={"batch_size": 2})
     with pytest.raises(type(error), match=str(error)):
         compquant.quantize(make_llama(), config, calibration=token_batches(6, 16), plugin_manager=pm)
-    assert not forward_threads()
+    assert not live_forwards()
 
 
-def test_an_interrupt_while_a_forward_computes_unwinds_every_forward(make_llama, token_batches):
-    """Ctrl-C arrives while a paused forward is computing (the loop waits for it): the interrupt is
-    raised in the caller at once and the forward unwinds at its next stop."""
+def test_an_interrupt_while_a_forward_computes_unwinds_every_forward(make_llama, token_batches, live_forwards):
+    """Ctrl-C arrives while a paused forward is computing: the interrupt leaves that forward, reaches
+    the caller, and every other paused forward is unwound."""
     import os
     import signal
 
@@ -532,10 +527,11 @@ def test_an_interrupt_while_a_forward_computes_unwinds_every_forward(make_llama,
         compquant.quantize(model, QuantConfig(solver="gptaq", grid={"group_size": 32},
                                               calibration={"batch_size": 2, "fp_inputs": "stream"}),
                            calibration=token_batches(4, 16))
-    assert interrupted and not forward_threads()
+    assert interrupted and not live_forwards()
 
 
-def test_an_error_raised_inside_the_block_reaches_the_caller_with_its_message(make_llama, token_batches):
+def test_an_error_raised_inside_the_block_reaches_the_caller_with_its_message(make_llama, token_batches,
+                                                                              live_forwards):
     model = make_llama()
 
     def broken(module, args):
@@ -544,10 +540,10 @@ def test_an_error_raised_inside_the_block_reaches_the_caller_with_its_message(ma
     model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(broken)
     with pytest.raises(RuntimeError, match="attention kernel failed"):
         compquant.quantize(model, QuantConfig(solver="gptq", grid={"group_size": 32}), calibration=token_batches(4, 16))
-    assert not forward_threads()
+    assert not live_forwards()
 
 
-def test_groups_listed_out_of_the_blocks_order_are_a_clear_error():
+def test_groups_listed_out_of_the_blocks_order_are_a_clear_error(live_forwards):
     torch.manual_seed(0)
     pm = create_plugin_manager(load_entry_points=False)
 
@@ -562,4 +558,4 @@ def test_groups_listed_out_of_the_blocks_order_are_a_clear_error():
     with pytest.raises(RuntimeError, match=r"blocks\.0\.fc1 \(group 2\) ran before any linear of group 1 \(fc2\)"):
         compquant.quantize(ToyModel(), QuantConfig(solver="gptq", grid={"bits": 4, "group_size": -1}),
                            calibration=inputs, plugin_manager=pm)
-    assert not forward_threads()
+    assert not live_forwards()

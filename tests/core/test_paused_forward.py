@@ -1,6 +1,4 @@
 """A forward pass that stops in front of chosen modules, is resumed, and is never left hanging."""
-import threading
-
 import pytest
 import torch
 from torch import nn
@@ -17,11 +15,7 @@ class Chain(nn.Module):
         return self.c(self.b(self.a(x)) + self.a(x)) * scale
 
 
-def forward_threads():
-    return [thread for thread in threading.enumerate() if thread.name.startswith("compquant-forward")]
-
-
-def test_stops_once_per_key_with_the_inputs_as_they_are_then_and_returns_the_output():
+def test_stops_once_per_key_with_the_inputs_as_they_are_then_and_returns_the_output(live_forwards):
     torch.manual_seed(0)
     chain, x = Chain(), torch.randn(2, 4)
     expected = chain(x, scale=2.0)
@@ -34,14 +28,14 @@ def test_stops_once_per_key_with_the_inputs_as_they_are_then_and_returns_the_out
             chain.c.weight.zero_()  # what runs after a stop sees the module as it is on resuming
         assert forward.advance() is None and forward.finished
         torch.testing.assert_close(forward.output, chain.c.bias.expand(2, 4) * 2.0)
-    assert not torch.equal(forward.output, expected) and not forward_threads()
+    assert not torch.equal(forward.output, expected) and not live_forwards()
 
 
-def test_only_the_forwards_own_thread_stops():
+def test_another_caller_of_the_same_modules_runs_straight_through():
     chain = Chain()
     with PausedForward(chain, (torch.randn(2, 4),), {}, {chain.b: 0}) as forward:
         assert forward.advance().key == 0
-        chain(torch.randn(2, 4))  # another caller of the same modules runs straight through
+        chain(torch.randn(2, 4))  # not stopped: only the paused forward's own calls stop
         assert forward.advance() is None
 
 
@@ -56,7 +50,7 @@ def test_runs_in_the_callers_grad_and_inference_modes():
     assert seen == [(False, True)] * 2 and forward.output.is_inference()
 
 
-def test_an_error_inside_the_forward_reaches_the_caller_with_its_message():
+def test_an_error_inside_the_forward_reaches_the_caller_with_its_message(live_forwards):
     chain = Chain()
 
     def fail(module, args):
@@ -69,10 +63,10 @@ def test_an_error_inside_the_forward_reaches_the_caller_with_its_message():
             forward.advance()
         with pytest.raises(RuntimeError, match="cannot be advanced"):
             forward.advance()
-    assert not forward_threads()
+    assert not live_forwards()
 
 
-def test_closing_unwinds_a_stopped_or_unstarted_forward_through_its_finally_blocks():
+def test_closing_unwinds_a_stopped_or_unstarted_forward_through_its_finally_blocks(live_forwards):
     unwound = []
 
     class Guarded(Chain):
@@ -88,8 +82,8 @@ def test_closing_unwinds_a_stopped_or_unstarted_forward_through_its_finally_bloc
     chain = Guarded()
     stopped = PausedForward(chain, (torch.randn(2, 4),), {}, {chain.b: 0})
     unstarted = PausedForward(chain, (torch.randn(2, 4),), {}, {chain.b: 0})
-    assert stopped.advance().key == 0
+    assert stopped.advance().key == 0 and len(live_forwards()) == 1  # held at b until closed
     stopped.close()
     unstarted.close()
-    assert unwound == ["finally"] and not forward_threads()
+    assert unwound == ["finally"] and not live_forwards()
     assert not chain.b._forward_pre_hooks  # the stops' hooks are gone with the forwards
