@@ -205,7 +205,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.set_defaults(run=_run_eval)
 
-    compare = commands.add_parser("compare", help="fp vs solvers: perplexity, wall time, peak memory in one table")
+    compare = commands.add_parser("compare", help="fp vs solvers: perplexity, wall time, peak memory in one table",
+                                  description="Defaults: W3 in groups of 128, 128 x 512 calibration tokens, and "
+                                              "act-order for --solver (gptq) only; every option below overrides them.")
     compare.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model to compare on (default {DEFAULT_MODEL})")
     _quant_options(compare)
     compare.add_argument("--solvers", default="rtn,gptq", help="comma-separated solvers (default rtn,gptq)")
@@ -227,6 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {
     "grid": {"bits": 3, "group_size": 128},
     "calibration": {"nsamples": 128, "seqlen": 512},
+    "solver_options": {"act_order": True},  # for the config's solver (gptq) only
 }
 
 
@@ -240,7 +243,8 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     add("--group-size", type=int, help="columns per grid, or -1 for per-row")
     add("--sym", action="store_true", default=None, help="symmetric grid")
     add("--clip", action="store_true", default=None, help="MSE clipping search")
-    add("--act-order", action="store_true", default=None, help="quantize columns by decreasing Hessian diagonal")
+    add("--act-order", action=argparse.BooleanOptionalAction, default=None,
+        help="quantize columns by decreasing Hessian diagonal (--no-act-order: in their order)")
     add("--transform", action="append", help="transform applied before calibration (repeatable)")
     add("--transform-option", action="append", default=[], metavar="NAME.KEY=VALUE",
         help="a transform option, e.g. quarot.r3=true")
@@ -498,13 +502,13 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .core.pipeline import check_plugins, resolve_device
     from .core.plugin_manager import registry_for
     from .core.saving import check_writable_file, write_text_atomic
-    from .evaluation.compare import EVALUATION_DATASET, compare
+    from .evaluation.compare import EVALUATION_DATASET, compare, solver_run_config
     from .evaluation.datasets import check_dataset
 
     config = build_config(args, COMPARE_DEFAULTS)
     solvers = tuple(name.strip() for name in args.solvers.split(",") if name.strip())
     for solver in solvers:  # every name and dataset checked before the model loads
-        check_plugins(config.model_copy(update={"solver": solver, "solver_options": {}}), registry_for(None))
+        check_plugins(solver_run_config(config, solver), registry_for(None))
     check_dataset(config.calibration.dataset, "calibration", config.data_dir)
     check_dataset(EVALUATION_DATASET, "evaluation", config.data_dir)
     resolve_device(config.device)

@@ -44,6 +44,7 @@ class CompareResult:
     load_seconds: float
     torch_threads: int
     device: str
+    solver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows: list[CompareRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -55,6 +56,8 @@ class CompareResult:
             f"model: {self.model}   weights: {grid}   device: {self.device}, {self.torch_threads} torch threads",
             f"calibration: {self.calibration}",
             f"evaluation:  {self.evaluation}",
+            *(f"{solver} options: {', '.join(f'{key}={value}' for key, value in options.items())}"
+              for solver, options in self.solver_options.items() if options),
             f"({PAPER_PROTOCOL}; these reduced sizes are not comparable to published figures)",
             "",
             f"{'method':<10} {'wikitext2 ppl':>14} {'quantize s':>11} {'eval s':>8} {'peak RSS MiB':>13} {'mean rel. err':>14}",
@@ -67,6 +70,13 @@ class CompareResult:
             )
         lines.append(f"(model load: {self.load_seconds:.1f} s)")
         return "\n".join(lines)
+
+
+def solver_run_config(config: QuantConfig, solver: str) -> QuantConfig:
+    """``config`` for one row of the table: the config's solver options go to its own solver only
+    (another solver may not know them)."""
+    return config.model_copy(update={"solver": solver,
+                                     "solver_options": config.solver_options if solver == config.solver else {}})
 
 
 def compare(
@@ -104,13 +114,13 @@ def compare(
         load_seconds=loading.seconds,
         torch_threads=torch.get_num_threads(),
         device=str(device),
+        solver_options={solver: dict(solver_run_config(config, solver).solver_options) for solver in solvers},
     )
     result.rows.append(CompareRow("fp", fp_ppl.perplexity, 0.0, fp_run.seconds, fp_run.peak_rss_bytes / 2**20))
     for solver in solvers:
         quantized = copy.deepcopy(fp_model)
-        run_config = config.model_copy(update={"solver": solver, "solver_options": config.solver_options if solver == config.solver else {}})
         with measure() as quant_run:
-            report = quantize(quantized, run_config, calibration=windows)
+            report = quantize(quantized, solver_run_config(config, solver), calibration=windows)
         with measure() as eval_run:
             ppl = evaluate(quantized)
         peak = max(quant_run.peak_rss_bytes, eval_run.peak_rss_bytes) / 2**20

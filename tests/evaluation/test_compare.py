@@ -17,7 +17,7 @@ def test_compare_prints_and_writes_fp_and_each_solver(model_dir, data_dir, tmp_p
             "--data-dir", str(data_dir), "--json", str(output), "-q"]
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert "wikitext2 ppl" in table and "W4 g32 asym" in table
+    assert "wikitext2 ppl" in table and "W4 g32 asym" in table and "gptq options: act_order=True" in table
     result = json.loads(output.read_text())
     assert [row["method"] for row in result["rows"]] == ["fp", "rtn", "gptq"]
     rows = {row["method"]: row for row in result["rows"]}
@@ -27,8 +27,8 @@ def test_compare_prints_and_writes_fp_and_each_solver(model_dir, data_dir, tmp_p
         return compquant.perplexity(model, loaded.tokenizer, seqlen=16, limit=4, data_dir=data_dir).perplexity
 
     assert rows["fp"]["perplexity"] == pytest.approx(ppl(loaded.model), rel=1e-6)
-    config = compquant.QuantConfig(solver="gptq", grid={"bits": 4, "group_size": 32},
-                                   calibration={"nsamples": 4, "seqlen": 16})
+    config = compquant.QuantConfig(solver="gptq", grid={"bits": 4, "group_size": 32}, solver_options={"act_order": True},
+                                   calibration={"nsamples": 4, "seqlen": 16})  # the main job's GPTQ has act-order
     quantized = copy.deepcopy(loaded.model)
     windows = calibration_windows(loaded.tokenizer, "wikitext2", nsamples=4, seqlen=16, seed=0, data_dir=data_dir)
     report = compquant.quantize(quantized, config, calibration=windows)
