@@ -108,7 +108,7 @@ def calibrate(
         stream = fp_stream = None
         store.prepare_outside(model, blocks)
         if wanted:
-            stream = _catch_block_inputs(model, plan, batches)
+            stream, block_kwargs = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in stream.hidden)
             fp_stream = _Stream(list(stream.hidden), stream.kwargs) if plan.needs_fp_inputs else None
         store.release_outside(model, blocks)
@@ -118,6 +118,10 @@ def calibrate(
             block = blocks[index]
             prefix = f"{plan.adapter.blocks}.{index}"
             store.load(prefix, block)
+            if stream is not None:
+                stream.kwargs = block_kwargs[index]
+                if fp_stream is not None:
+                    fp_stream.kwargs = block_kwargs[index]
             full_precision = _FullPrecisionInputs(block, plan, fp_stream) if fp_stream is not None else None
             finished = len(report.layers)
             block_stats = None
@@ -222,18 +226,29 @@ def relative_output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) ->
     return float(torch.sum((delta @ hessian) * delta) / reference) if reference > 0 else 0.0
 
 
-def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> _Stream:
-    """Run the model on each batch up to the first block and keep what the block would receive."""
+def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> tuple[_Stream, list[list[dict]]]:
+    """Run the model on each batch with every block standing in for the identity, and keep what the
+    first block receives and the keyword arguments the model passes to each block: they differ
+    between blocks where layers differ in kind (Gemma 3's sliding-window and global layers get their
+    own attention masks and rotary embeddings)."""
     blocks = plan.adapter.block_list(model)
     stream = _Stream([], [])
+    block_kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        stream.hidden.append(args[0])
-        stream.kwargs.append(kwargs)
-        raise _Caught
+    def record(index: int):
+        def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if index == 0:
+                stream.hidden.append(hidden)
+            block_kwargs[index].append(kwargs)
+            if index == len(blocks) - 1:
+                raise _Caught
+            return hidden
+
+        return forward
 
     moved = _move_outside_blocks(model, blocks, plan.device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = record(index)
     try:
         for batch in batches:
             try:
@@ -241,10 +256,12 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequen
             except _Caught:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
         for module, device in moved:
             module.to(device)
-    return stream
+    stream.kwargs = block_kwargs[0]
+    return stream, block_kwargs
 
 
 class _FullPrecisionInputs:
