@@ -21,10 +21,14 @@ class ArchitectureAdapter:
     block: the calibration loop quantizes one group after another, recomputing the inputs in
     between. The linears of a group must read the same input tensor (they share its statistics).
     ``norms`` maps a norm inside a block to the linears it feeds; ``final_norm`` feeds ``head``.
-    Rotation transforms also need ``residual_writers`` (the linears that add into the residual
-    stream), ``value_output`` (the value projection and the attention output projection, rotated
-    per head) and ``mlp_output`` (the linear after the MLP's nonlinearity); QuaRot's optional R3
-    needs ``attention``, the module that applies the rotary embedding to queries and keys.
+    ``norm_offset`` is what every norm adds to its weight before scaling (0 for the usual RMSNorm
+    ``x̂·w``, 1 for Gemma's ``x̂·(1 + w)``). ``output_norms`` are sandwich norms: a norm between a
+    residual writer and the residual stream, mapped to the writer whose output it normalises
+    (Gemma's post-attention and post-feedforward norms). Rotation transforms also need
+    ``residual_writers`` (the linears that add into the residual stream), ``value_output`` (the
+    value projection and the attention output projection, rotated per head) and ``mlp_output`` (the
+    linear after the MLP's nonlinearity); QuaRot's optional R3 needs ``attention``, the module that
+    applies the rotary embedding to queries and keys.
     """
 
     name: str
@@ -32,6 +36,8 @@ class ArchitectureAdapter:
     blocks: str
     groups: tuple[tuple[str, ...], ...]
     norms: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    norm_offset: float = 0.0
+    output_norms: Mapping[str, str] = field(default_factory=dict)
     embedding: str | None = None
     final_norm: str | None = None
     head: str | None = None

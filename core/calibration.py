@@ -59,7 +59,7 @@ class _Caught(Exception):
 class Activations:
     """The calibration activations entering a block, one tensor per batch: ``hidden`` of the model
     quantized up to this block, ``fp_hidden`` of the full-precision model (None unless a statistic
-    needs X̃), and the keyword arguments (masks, positions) the model passes its blocks per batch."""
+    needs X̃), and the keyword arguments (masks, positions) the model passes this block per batch."""
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
@@ -131,7 +131,7 @@ def calibrate(
         activations = None
         store.prepare_outside(model, blocks)
         if plan.wanted:
-            activations = _catch_block_inputs(model, plan, batches)
+            activations, block_kwargs = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
@@ -140,6 +140,8 @@ def calibrate(
             block = blocks[index]
             prefix = f"{plan.adapter.blocks}.{index}"
             store.load(prefix, block)
+            if activations is not None:
+                activations.kwargs = block_kwargs[index]
             first = len(report.layers)
             activations = quantize_block(block, activations, plan, prefix, finished)
             done = report.layers[first:]
@@ -273,19 +275,31 @@ def relative_output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) ->
     return float(torch.sum((delta @ hessian) * delta) / reference) if reference > 0 else 0.0
 
 
-def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> Activations:
-    """Run the model on each batch up to the first block and keep what the block would receive
-    (twice over, as the full-precision stream too, when a statistic needs X̃)."""
+def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan,
+                        batches: Sequence[Tensor]) -> tuple[Activations, list[list[dict[str, Any]]]]:
+    """Run the model on each batch with every block standing in for the identity, and keep what the
+    first block receives (twice over, as the full-precision stream too, when a statistic needs X̃)
+    and the keyword arguments the model passes to each block, per batch: they differ between blocks
+    where layers differ in kind (Gemma 3's sliding-window and global layers get their own attention
+    masks and rotary embeddings). No block computes anything here."""
     blocks = plan.adapter.block_list(model)
     caught = Activations([], [])
+    block_kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        caught.hidden.append(args[0])
-        caught.kwargs.append(kwargs)
-        raise _Caught
+    def stand_in(index: int) -> Callable[..., Tensor]:
+        def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if index == 0:
+                caught.hidden.append(hidden)
+            block_kwargs[index].append(kwargs)
+            if index == len(blocks) - 1:
+                raise _Caught
+            return hidden
+
+        return forward
 
     moved = _move_outside_blocks(model, blocks, plan.device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = stand_in(index)
     try:
         for batch in batches:
             try:
@@ -293,12 +307,14 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequen
             except _Caught:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
         for module, device in moved:
             module.to(device)
+    caught.kwargs = block_kwargs[0]
     if plan.needs_fp_inputs:
         caught.fp_hidden = list(caught.hidden)
-    return caught
+    return caught, block_kwargs
 
 
 class _PausedStream:
