@@ -72,7 +72,7 @@ def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) 
 
 def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
     for block in adapter.block_list(model):
-        for norm_name in adapter.norms:
+        for norm_name in adapter.for_block(block).norms:
             norm = block.get_submodule(norm_name)
             if getattr(norm, "bias", None) is not None or isinstance(norm, nn.LayerNorm):
                 raise ValueError(
@@ -92,7 +92,7 @@ def _check_output_norms(model: nn.Module, adapter: ArchitectureAdapter) -> None:
     can make up for it (the norm divides by the output's own RMS)."""
     uneven = []
     for index, block in enumerate(adapter.block_list(model)):
-        for norm_name, writer in adapter.output_norms.items():
+        for norm_name, writer in adapter.for_block(block).output_norms.items():
             scale = block.get_submodule(norm_name).weight.detach().double() + adapter.norm_offset
             if scale.max() - scale.min() > 1e-6 * scale.abs().max():
                 uneven.append((f"{adapter.blocks}.{index}.{norm_name}", writer, scale))
@@ -121,7 +121,7 @@ def prepare_for_rotation(model: nn.Module, adapter: ArchitectureAdapter) -> None
         if hasattr(model, "config"):
             model.config.tie_word_embeddings = False
     norms = [(block.get_submodule(n), [block.get_submodule(r) for r in readers])
-             for block in adapter.block_list(model) for n, readers in adapter.norms.items()]
+             for block in adapter.block_list(model) for n, readers in adapter.for_block(block).norms.items()]
     norms.append((model.get_submodule(adapter.final_norm), [head]))
     for norm, readers in norms:
         scale = norm.weight.data.double() + adapter.norm_offset
@@ -136,8 +136,9 @@ def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, rotation: Te
     _scale(embedding, embedding.weight.data.double() @ rotation)
     readers = [model.get_submodule(adapter.head)]
     for block in adapter.block_list(model):
-        readers += [block.get_submodule(r) for rs in adapter.norms.values() for r in rs]
-        for name in adapter.residual_writers:
+        layout = adapter.for_block(block)
+        readers += [block.get_submodule(r) for rs in layout.norms.values() for r in rs]
+        for name in layout.residual_writers:
             writer = block.get_submodule(name)
             _scale(writer, rotation.T @ writer.weight.data.double())
             if writer.bias is not None:
@@ -164,13 +165,15 @@ def rotate_heads(model: nn.Module, adapter: ArchitectureAdapter, rotations: list
 
 
 def rotate_mlp_output(model: nn.Module, adapter: ArchitectureAdapter) -> None:
-    """Online Hadamard on the MLP output projection's input, its weight W ↦ W·Hᵀ."""
+    """Online Hadamard on the input of each MLP output projection (every expert's, in a sparse
+    block), its weight W ↦ W·Hᵀ."""
     if adapter.mlp_output is None:
         raise ValueError(f"adapter {adapter.name!r} does not name its MLP output projection; disable r4")
     for block in adapter.block_list(model):
-        linear = block.get_submodule(adapter.mlp_output)
-        _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
-        attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
+        for name in adapter.for_block(block).mlp_outputs():
+            linear = block.get_submodule(name)
+            _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
+            attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
 
 
 def rotate_query_key(model: nn.Module, adapter: ArchitectureAdapter) -> None:
