@@ -16,5 +16,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.wikitext",
     "compquant.models.llama",
     "compquant.models.gemma",
+    "compquant.models.moe",
     "compquant.models.deit",
 )

@@ -101,6 +101,35 @@ def make_gemma3():
 
 
 @pytest.fixture
+def make_moe():
+    """Factory for a tiny random sparse mixture-of-experts decoder as transformers 5 builds it (experts
+    fused in 3-D tensors): ``qwen3_moe`` and ``mixtral`` (4 experts, top 2), ``qwen2_moe`` (adds a
+    shared expert and its gate). The routers are scaled up so that tokens spread unevenly.
+    ``dense_layers`` are Qwen-MoE's ``mlp_only_layers``: blocks with a dense MLP instead."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    def make(family: str = "qwen3_moe", *, seed: int = 0, experts: int = 4, dense_layers: tuple[int, ...] = ()):
+        sizes = {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "num_experts_per_tok": 2}
+        if dense_layers:
+            sizes["mlp_only_layers"] = list(dense_layers)
+        if family == "mixtral":
+            config = MixtralConfig(**sizes, intermediate_size=32, num_local_experts=experts)
+        elif family == "qwen2_moe":
+            config = Qwen2MoeConfig(**sizes, intermediate_size=96, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64, num_experts=experts)
+        else:
+            config = Qwen3MoeConfig(**sizes, intermediate_size=96, moe_intermediate_size=32, num_experts=experts)
+        model = tiny_causal_lm(config, seed=seed)
+        with torch.no_grad():
+            for index, block in enumerate(model.model.layers):
+                if index not in dense_layers:
+                    block.mlp.gate.weight.normal_(0.0, 0.5)
+        return model
+
+    return make
+
+
+@pytest.fixture
 def model_dir(make_llama, tiny_tokenizer, tmp_path):
     """A tiny Llama and its tokenizer saved as a local model folder."""
     folder = tmp_path / "tiny-llama"

@@ -13,6 +13,9 @@ SOLVERS = [("rtn", {}), ("gptq", {}), ("gptaq", {}), ("rescomp", {}), ("rescomp"
 FAMILIES = {
     "gemma3": ("make_gemma3", {"even_output_norms": True}, 14),
     "qwen3": ("make_llama", {"family": "qwen3", "tie": True, "head_dim": 32}, 14),
+    "qwen3_moe": ("make_moe", {"family": "qwen3_moe"}, 2 * (4 + 4 * 3)),  # attention, 4 experts
+    "mixtral": ("make_moe", {"family": "mixtral"}, 2 * (4 + 4 * 3)),
+    "qwen2_moe": ("make_moe", {"family": "qwen2_moe"}, 2 * (4 + 3 + 4 * 3)),  # and the shared expert
 }
 
 
@@ -33,13 +36,16 @@ def relative(after, before):
 
 @pytest.mark.parametrize("solver, options", SOLVERS, ids=lambda value: value if isinstance(value, str) else "")
 def test_every_solver_quantizes_every_linear(family, token_batches, solver, options):
-    name, make, linears = family
+    _, make, linears = family
     model = make()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    head = model.lm_head.weight.clone()
     config = QuantConfig(solver=solver, solver_options=options, grid={"bits": 4, "group_size": 32},
                          calibration={"fp_inputs": "stream"})
     report = compquant.quantize(model, config, calibration=token_batches(4, 16))
     assert len(report.records) == linears and torch.isfinite(logits(model, token_batches(1, 16))).all()
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tied head stays tied
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied  # a tied head stays tied
+    assert torch.equal(model.lm_head.weight, head)  # and in full precision
 
 
 @pytest.mark.parametrize("transform, options", [("quarot", {"r3": True}), ("quarot", {"rotation": "random"}),
