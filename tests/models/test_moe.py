@@ -233,3 +233,10 @@ def test_low_memory_streams_per_expert_checkpoints_and_refuses_renamed_ones(make
         reloaded = compquant.load_model(str(tmp_path / f"{family}-out")).model
         ids = token_batches(2, 16, seed=9)
         torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_named_explicitly_fits_the_fused_model_before_it_is_unfused(make_moe, token_batches):
+    model = make_moe("mixtral")
+    assert registry_for(None).adapter_for(model, "mixtral").name == "mixtral"
+    report = compquant.quantize(model, QuantConfig(adapter="mixtral", solver="rtn", grid={"group_size": 32}))
+    assert "model.layers.1.mlp.experts.3.w2" in report.records
