@@ -198,7 +198,7 @@ def quantize_block(
                            full_precision)
         if plan.sequential == "groups":
             for index, group in enumerate(groups):
-                statistics = _GroupStatistics(plan, f"{prefix}.{group[0]}")
+                statistics = _GroupStatistics(plan, f"{prefix}.{group[0]}", hold_rows=True)
                 for batch in batches:
                     statistics.add(*streams.inputs(index, batch))
                 stats, routed = statistics.result()
@@ -454,14 +454,17 @@ class _GroupStatistics:
     """The solver's statistics of one group's inputs, added batch by batch; ``name`` (the group's
     first linear) is for errors and the fallback's warning.
 
-    Inputs that come with a mask of routed rows (core/routing.py) add only those rows; with the
-    ``all-tokens`` fallback every row is also added to a second accumulator, which is what a group
-    with too few routed tokens is quantized from."""
+    Inputs that come with a mask of routed rows (core/routing.py) add only those rows. With the
+    ``all-tokens`` fallback every row is what a group with too few routed tokens is quantized from:
+    with ``hold_rows`` (one group at a time, every batch's forward paused in front of it, so that
+    its inputs are alive anyway) they are held and accumulated only for a group that falls back;
+    otherwise (``sequential: blocks``, one batch after another) they are accumulated as they come."""
 
-    def __init__(self, plan: CalibrationPlan, name: str) -> None:
-        self.plan, self.name = plan, name
+    def __init__(self, plan: CalibrationPlan, name: str, hold_rows: bool = False) -> None:
+        self.plan, self.name, self.hold_rows = plan, name, hold_rows
         self.accumulator: StatisticsAccumulator | None = None
         self.every_row: StatisticsAccumulator | None = None
+        self.held: list[tuple[Tensor, Tensor | None]] = []
         self.routed = False
         self.columns = 0
 
@@ -478,10 +481,10 @@ class _GroupStatistics:
         if mask.shape != rows.shape[:1]:
             raise RuntimeError(f"{self.name} received {rows.shape[0]} rows under a routing mask of shape "
                                f"{tuple(mask.shape)}; a routing module must mask the rows its submodule receives")
-        if self.plan.routed_fallback == ALL_TOKENS:
-            if self.every_row is None:
-                self.every_row = self.plan.accumulator(self.columns)
-            self.every_row.add(rows, fp_rows)
+        if self.plan.routed_fallback == ALL_TOKENS and self.hold_rows:
+            self.held.append((rows, fp_rows))
+        elif self.plan.routed_fallback == ALL_TOKENS:
+            self._add_every_row(rows, fp_rows)
         if mask.any():  # a batch may route nothing here
             self.accumulator.add(rows[mask], None if fp_rows is None else fp_rows[mask])
 
@@ -491,14 +494,22 @@ class _GroupStatistics:
         if not self.routed:
             return self._finished(self.accumulator), None
         needed = self.plan.routed_min_tokens or self.columns
+        held, self.held = self.held, []
         if self.accumulator.tokens >= needed:
             return self._finished(self.accumulator), RoutedTokens(self.accumulator.tokens, needed)
+        for rows, fp_rows in held:  # in batch order, as if accumulated while they came
+            self._add_every_row(rows, fp_rows)
         routed = RoutedTokens(self.accumulator.tokens, needed, self.plan.routed_fallback)
         log.warning("%s received %d routed calibration tokens, fewer than %d (calibration.expert_min_tokens, by default "
                     "the input width): quantized %s (calibration.expert_fallback: %s)", self.name, routed.routed, needed,
                     "from all the block's tokens as if routed to it" if routed.fallback == ALL_TOKENS
                     else f"by {routed.fallback}, which needs no statistics", routed.fallback)
         return (self._finished(self.every_row) if routed.fallback == ALL_TOKENS else None), routed
+
+    def _add_every_row(self, rows: Tensor, fp_rows: Tensor | None) -> None:
+        if self.every_row is None:
+            self.every_row = self.plan.accumulator(self.columns)
+        self.every_row.add(rows, fp_rows)
 
     def _finished(self, accumulator: StatisticsAccumulator) -> LayerStatistics:
         try:

@@ -82,11 +82,12 @@ def test_each_expert_is_calibrated_on_its_routed_rows_of_every_batch(toy, sequen
         torch.testing.assert_close(outputs.hidden, [block(h)[0] for h in hidden], rtol=0, atol=1e-12)
 
 
-def test_too_few_routed_rows_fall_back_to_every_row(toy, caplog):
+@pytest.mark.parametrize("sequential", ["groups", "blocks"])
+def test_too_few_routed_rows_fall_back_to_every_row(toy, caplog, sequential):
     block, hidden = toy
     original = copy.deepcopy(block)
     with caplog.at_level(logging.WARNING, logger="compquant.core.calibration"):
-        _, reports = run(block, hidden, plan(routed_min_tokens=10_000))
+        _, reports = run(block, hidden, plan(routed_min_tokens=10_000, sequential=sequential))
     flat = torch.cat([h.reshape(-1, WIDTH) for h in hidden])
     report, result = reports["toy.experts.1"]
     expected = compquant.quantize_layer(original.experts[1].weight.data, flat, solver="gptq", bits=3,
