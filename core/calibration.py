@@ -496,10 +496,10 @@ class _GroupStatistics:
         needed = self.plan.routed_min_tokens or self.columns
         held, self.held = self.held, []
         if self.accumulator.tokens >= needed:
-            return self._finished(self.accumulator), RoutedTokens(self.accumulator.tokens, needed)
+            return self._finished(self.accumulator), RoutedTokens(self.accumulator.tokens)
         for rows, fp_rows in held:  # in batch order, as if accumulated while they came
             self._add_every_row(rows, fp_rows)
-        routed = RoutedTokens(self.accumulator.tokens, needed, self.plan.routed_fallback)
+        routed = RoutedTokens(self.accumulator.tokens, self.plan.routed_fallback)
         log.warning("%s received %d routed calibration tokens, fewer than %d (calibration.expert_min_tokens, by default "
                     "the input width): quantized %s (calibration.expert_fallback: %s)", self.name, routed.routed, needed,
                     "from all the block's tokens as if routed to it" if routed.fallback == ALL_TOKENS

@@ -84,9 +84,8 @@ def routed_mask(context: contextvars.Context) -> Tensor | None:
 
 @dataclass(frozen=True)
 class RoutedTokens:
-    """What a routed group received: ``routed`` calibration tokens, where it needs ``needed``; when
-    too few, ``fallback`` names what it was quantized from instead (``all-tokens`` or a solver)."""
+    """What a routed group received: ``routed`` calibration tokens; when too few, ``fallback`` names
+    what it was quantized from instead (``all-tokens`` or a solver)."""
 
     routed: int
-    needed: int
     fallback: str | None = None
