@@ -30,6 +30,7 @@ from compquant.core.plugin_manager import create_plugin_manager, hookimpl, use_b
 from compquant.core.qlinear import QuantizedLinear
 from compquant.core.quantizer import Grid, QuantParams
 from compquant.core.report import LayerReport, QuantReport
+from compquant.core.routing import UnfusedExperts, feeds_every_token, routed_to
 from compquant.core.saving import save_quantized
 from compquant.core.solver import LayerResult, Solver, SolverOptions
 from compquant.core.statistics import Accumulator, LayerStatistics, Statistic
@@ -74,15 +75,18 @@ __all__ = [
     "Transform",
     "TransformContext",
     "TransformOptions",
+    "UnfusedExperts",
     "ZeroShotResult",
     "attach_attention_op",
     "attach_input_op",
     "create_plugin_manager",
+    "feeds_every_token",
     "hookimpl",
     "load_model",
     "perplexity",
     "quantize",
     "quantize_layer",
+    "routed_to",
     "save_quantized",
     "solve_columns",
     "zero_shot",

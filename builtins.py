@@ -15,5 +15,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.exporters.fake",
     "compquant.plugins.wikitext",
     "compquant.models.llama",
+    "compquant.models.gemma",
+    "compquant.models.moe",
     "compquant.models.deit",
 )

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .errors import ModelLoadError
 from .qlinear import QuantizedLinear
 
 
@@ -113,6 +114,13 @@ class StreamedBlocks:
 
     def load(self, prefix: str, block: nn.Module) -> None:
         materialize(block, f"{prefix}.", self.weights, self.device, self.dtype)
+        missing = [f"{prefix}.{name}" for name, parameter in block.named_parameters() if parameter.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"{self.weights.folder} holds no tensor named {missing[0]} ({len(missing)} of {prefix}'s tensors are "
+                "missing): the checkpoint names them otherwise than the model does (transformers renames some on "
+                "load, e.g. Mixtral's block_sparse_moe to mlp), so low-memory mode cannot stream them; drop --low-memory"
+            )
 
     def release(self, prefix: str, block: nn.Module, records: dict[str, QuantizedLinear]) -> dict[str, QuantizedLinear]:
         """Export the block, empty it, and return its records without their codes (on disk now;

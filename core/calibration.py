@@ -20,11 +20,17 @@ stopped at the same groups (memory of one block copy). ``cache``: the still unqu
 each batch once before its first group is quantized, keeping every group's inputs and the block's
 outputs (memory of tokens × the group input widths of one block, no copy). ``auto`` caches when that
 fits ``fp_cache_mib``. Nothing is kept beyond the current block.
+
+Routed linears (a mixture-of-experts expert's, `compquant.core.routing`): the forwards run with
+routed modules feeding every token to each expert under a mask of the tokens its router chose; a
+group's statistics are of the masked rows (X̃ at the same rows), and a group with too few of them
+falls back (``routed_fallback``), logged and recorded in its `LayerReport`.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +50,7 @@ from .paused_forward import PausedForward
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport, QuantReport
+from .routing import ALL_TOKENS, RoutedTokens, every_token, routed_mask
 from .solver import LayerResult, Solver, SolverOptions
 from .statistics import LayerStatistics, NonFiniteStatisticsError, Statistic, StatisticsAccumulator, needs_fp_inputs
 from .progress import progress
@@ -59,7 +66,7 @@ class _Caught(Exception):
 class Activations:
     """The calibration activations entering a block, one tensor per batch: ``hidden`` of the model
     quantized up to this block, ``fp_hidden`` of the full-precision model (None unless a statistic
-    needs X̃), and the keyword arguments (masks, positions) the model passes its blocks per batch."""
+    needs X̃), and the keyword arguments (masks, positions) the model passes this block per batch."""
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
@@ -84,6 +91,16 @@ class CalibrationPlan:
     fp_inputs: Literal["auto", "stream", "cache"] = "auto"
     fp_cache_bytes: int = 2 * 2**30
     sequential: Literal["groups", "blocks"] = "groups"
+    routed_min_tokens: int | None = None
+    """A routed group (an expert) with fewer routed tokens falls back; None: its input width."""
+    routed_fallback: str = ALL_TOKENS
+    """``all-tokens``, or the name of ``fallback_solver``, a solver that needs no statistics."""
+    fallback_solver: Solver | None = None
+
+    def __post_init__(self) -> None:
+        if (self.routed_fallback == ALL_TOKENS) != (self.fallback_solver is None):
+            raise ValueError(f"routed_fallback {self.routed_fallback!r} needs fallback_solver to be that solver "
+                             f"(None only for {ALL_TOKENS!r})")
 
     @property
     def wanted(self) -> frozenset[Statistic]:
@@ -131,7 +148,7 @@ def calibrate(
         activations = None
         store.prepare_outside(model, blocks)
         if plan.wanted:
-            activations = _catch_block_inputs(model, plan, batches)
+            activations, block_kwargs = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
@@ -140,6 +157,8 @@ def calibrate(
             block = blocks[index]
             prefix = f"{plan.adapter.blocks}.{index}"
             store.load(prefix, block)
+            if activations is not None:
+                activations.kwargs = block_kwargs[index]
             first = len(report.layers)
             activations = quantize_block(block, activations, plan, prefix, finished)
             done = report.layers[first:]
@@ -166,22 +185,24 @@ def quantize_block(
 
     This is the loop's unit of work: it needs nothing but its arguments and keeps nothing. An
     exception (a solver's error, non-finite values, an interrupt) leaves no forward paused."""
-    groups = plan.adapter.groups  # the one place the loop reads the adapter's groups
+    groups = plan.adapter.for_block(block).groups  # the one place the loop reads the adapter's groups
     if inputs is None:
         for group in groups:
             _solve(block, group, None, plan, prefix, finished)
         return None
     batches = range(len(inputs.hidden))
     with contextlib.ExitStack() as running:
+        running.enter_context(every_token())  # routed modules feed every token, under masks (core/routing.py)
         full_precision = _full_precision(block, groups, inputs, plan, prefix, running)  # before anything is quantized
         streams = _Streams(running.enter_context(_PausedStream(block, groups, inputs.hidden, inputs.kwargs, prefix)),
                            full_precision)
         if plan.sequential == "groups":
             for index, group in enumerate(groups):
-                statistics = _GroupStatistics(plan, f"{prefix}.{group[0]}")
+                statistics = _GroupStatistics(plan, f"{prefix}.{group[0]}", hold_rows=True)
                 for batch in batches:
                     statistics.add(*streams.inputs(index, batch))
-                _solve(block, group, statistics.result(), plan, prefix, finished)
+                stats, routed = statistics.result()
+                _solve(block, group, stats, plan, prefix, finished, routed)
             hidden = [streams.finish(batch) for batch in batches]
         else:
             collected = [_GroupStatistics(plan, f"{prefix}.{group[0]}") for group in groups]
@@ -190,16 +211,26 @@ def quantize_block(
                     statistics.add(*streams.inputs(index, batch))
                 streams.finish(batch)  # the unquantized block's output: not handed on
             for group, statistics in zip(groups, collected):
-                _solve(block, group, statistics.result(), plan, prefix, finished)
-            hidden = _run_block(block, inputs)
+                stats, routed = statistics.result()
+                _solve(block, group, stats, plan, prefix, finished, routed)
+    if plan.sequential == "blocks":  # outside every_token: routed modules route as at inference
+        hidden = _run_block(block, inputs)
     _check_finite(hidden, prefix)
     return Activations(hidden, inputs.kwargs, streams.fp_hidden)
 
 
 def _solve(block: nn.Module, group: Sequence[str], stats: LayerStatistics | None, plan: CalibrationPlan, prefix: str,
-           finished: LayerDone) -> None:
+           finished: LayerDone, routed: RoutedTokens | None = None) -> None:
+    """Quantize ``group`` from ``stats``. For a routed group (``routed``) the reports carry its token
+    count and any fallback; one that fell back to a solver of its own is quantized by that solver."""
+    if routed is not None and routed.fallback not in (None, ALL_TOKENS):
+        solver = plan.fallback_solver
+        plan = dataclasses.replace(plan, solver=solver, solver_name=routed.fallback, options=solver.options({}))
+        stats = None
     layers = [(f"{prefix}.{name}", block.get_submodule(name)) for name in group]
     for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan)):
+        if routed is not None:
+            layer_report = dataclasses.replace(layer_report, routed_tokens=routed.routed, fallback=routed.fallback)
         finished(layer, layer_report, result)
 
 
@@ -255,7 +286,9 @@ def _quantize_group(
         error = None if stats is None or stats.hessian is None else relative_output_error(weight, result.weight, stats.hessian)
         layer.weight.data.copy_(result.weight)
         log.info("%s %s: relative output error %s", plan.solver_name, name, "n/a" if error is None else f"{error:.3e}")
-        done.append((LayerReport(name, plan.solver_name, tuple(weight.shape), error, seconds * weight.shape[0]), result))
+        report = LayerReport(name, plan.solver_name, tuple(weight.shape), error, seconds * weight.shape[0],
+                             None if stats is None else stats.tokens)
+        done.append((report, result))
     return done
 
 
@@ -273,19 +306,31 @@ def relative_output_error(weight: Tensor, quantized: Tensor, hessian: Tensor) ->
     return float(torch.sum((delta @ hessian) * delta) / reference) if reference > 0 else 0.0
 
 
-def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequence[Tensor]) -> Activations:
-    """Run the model on each batch up to the first block and keep what the block would receive
-    (twice over, as the full-precision stream too, when a statistic needs X̃)."""
+def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan,
+                        batches: Sequence[Tensor]) -> tuple[Activations, list[list[dict[str, Any]]]]:
+    """Run the model on each batch with every block standing in for the identity, and keep what the
+    first block receives (twice over, as the full-precision stream too, when a statistic needs X̃)
+    and the keyword arguments the model passes to each block, per batch: they differ between blocks
+    where layers differ in kind (Gemma 3's sliding-window and global layers get their own attention
+    masks and rotary embeddings). No block computes anything here."""
     blocks = plan.adapter.block_list(model)
     caught = Activations([], [])
+    block_kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        caught.hidden.append(args[0])
-        caught.kwargs.append(kwargs)
-        raise _Caught
+    def stand_in(index: int) -> Callable[..., Tensor]:
+        def forward(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if index == 0:
+                caught.hidden.append(hidden)
+            block_kwargs[index].append(kwargs)
+            if index == len(blocks) - 1:
+                raise _Caught
+            return hidden
+
+        return forward
 
     moved = _move_outside_blocks(model, blocks, plan.device)
-    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for index, block in enumerate(blocks):
+        block.forward = stand_in(index)
     try:
         for batch in batches:
             try:
@@ -293,12 +338,14 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan, batches: Sequen
             except _Caught:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
         for module, device in moved:
             module.to(device)
+    caught.kwargs = block_kwargs[0]
     if plan.needs_fp_inputs:
         caught.fp_hidden = list(caught.hidden)
-    return caught
+    return caught, block_kwargs
 
 
 class _PausedStream:
@@ -319,9 +366,10 @@ class _PausedStream:
             if forward is not None:
                 forward.close()
 
-    def inputs(self, group: int, batch: int) -> Tensor:
-        """What group ``group``'s linears receive in batch ``batch``: the batch's forward goes on (through
-        the groups before, as they now are) to the group's first linear, and waits there."""
+    def inputs(self, group: int, batch: int) -> tuple[Tensor, Tensor | None]:
+        """What group ``group``'s linears receive in batch ``batch``, and the mask of the rows routed to
+        them (None when no router chose among them): the batch's forward goes on (through the groups
+        before, as they now are) to the group's first linear, and waits there."""
         if self.forwards[batch] is None:
             self.forwards[batch] = PausedForward(self.block, (self.hidden[batch],), self.kwargs[batch], self.stops)
         stop = self.forwards[batch].advance()
@@ -333,7 +381,7 @@ class _PausedStream:
             raise RuntimeError(f"{self.prefix}.{name} (group {stop.key + 1}) ran before any linear of group {group + 1} "
                                f"({', '.join(self.groups[group])}); the adapter must list its groups in the order in "
                                "which the block calls them")
-        return stop.args[0]
+        return stop.args[0], routed_mask(stop.context)
 
     def output(self, batch: int) -> Tensor:
         """The block's output for batch ``batch``, whose forward has passed every group: it runs to the end."""
@@ -348,14 +396,14 @@ class _CachedStream:
 
     def __init__(self, block: nn.Module, groups: Sequence[Sequence[str]], hidden: Sequence[Tensor],
                  kwargs: Sequence[dict[str, Any]], prefix: str) -> None:
-        self.inputs_of: list[list[Tensor | None]] = []
+        self.inputs_of: list[list[tuple[Tensor, Tensor | None] | None]] = []
         self.outputs: list[Tensor | None] = []
         with _PausedStream(block, groups, hidden, kwargs, prefix) as stream:
             for batch in range(len(hidden)):
                 self.inputs_of.append([stream.inputs(group, batch) for group in range(len(groups))])
                 self.outputs.append(stream.output(batch))
 
-    def inputs(self, group: int, batch: int) -> Tensor:
+    def inputs(self, group: int, batch: int) -> tuple[Tensor, Tensor | None]:
         inputs, self.inputs_of[batch][group] = self.inputs_of[batch][group], None
         return inputs
 
@@ -387,10 +435,12 @@ class _Streams:
         self.quantized, self.full_precision = quantized, full_precision
         self.fp_hidden: list[Tensor] | None = None if full_precision is None else []
 
-    def inputs(self, group: int, batch: int) -> tuple[Tensor, Tensor | None]:
-        """X and X̃ (or None) of group ``group`` in batch ``batch``."""
-        fp_inputs = None if self.full_precision is None else self.full_precision.inputs(group, batch)
-        return self.quantized.inputs(group, batch), fp_inputs
+    def inputs(self, group: int, batch: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """X and X̃ (or None) of group ``group`` in batch ``batch``, and the quantized stream's mask of
+        routed rows (or None). X̃ is of every row, so that this one mask picks the same tokens of both."""
+        fp_inputs = None if self.full_precision is None else self.full_precision.inputs(group, batch)[0]
+        inputs, mask = self.quantized.inputs(group, batch)
+        return inputs, fp_inputs, mask
 
     def finish(self, batch: int) -> Tensor:
         """Run batch ``batch`` to the block's end in both streams; keep the full-precision output in
@@ -402,20 +452,68 @@ class _Streams:
 
 class _GroupStatistics:
     """The solver's statistics of one group's inputs, added batch by batch; ``name`` (the group's
-    first linear) is for errors."""
+    first linear) is for errors and the fallback's warning.
 
-    def __init__(self, plan: CalibrationPlan, name: str) -> None:
-        self.plan, self.name = plan, name
+    Inputs that come with a mask of routed rows (core/routing.py) add only those rows. With the
+    ``all-tokens`` fallback every row is what a group with too few routed tokens is quantized from:
+    with ``hold_rows`` (one group at a time, every batch's forward paused in front of it, so that
+    its inputs are alive anyway) they are held and accumulated only for a group that falls back;
+    otherwise (``sequential: blocks``, one batch after another) they are accumulated as they come."""
+
+    def __init__(self, plan: CalibrationPlan, name: str, hold_rows: bool = False) -> None:
+        self.plan, self.name, self.hold_rows = plan, name, hold_rows
         self.accumulator: StatisticsAccumulator | None = None
+        self.every_row: StatisticsAccumulator | None = None
+        self.held: list[tuple[Tensor, Tensor | None]] = []
+        self.routed = False
+        self.columns = 0
 
-    def add(self, inputs: Tensor, fp_inputs: Tensor | None) -> None:
+    def add(self, inputs: Tensor, fp_inputs: Tensor | None, mask: Tensor | None = None) -> None:
         if self.accumulator is None:
             self.accumulator = self.plan.accumulator(inputs.shape[-1])
-        self.accumulator.add(inputs, fp_inputs)
+            self.columns = inputs.shape[-1]
+        if mask is None:
+            self.accumulator.add(inputs, fp_inputs)
+            return
+        self.routed = True
+        rows = inputs.reshape(-1, self.columns)
+        fp_rows = None if fp_inputs is None else fp_inputs.reshape(-1, self.columns)
+        if mask.shape != rows.shape[:1]:
+            raise RuntimeError(f"{self.name} received {rows.shape[0]} rows under a routing mask of shape "
+                               f"{tuple(mask.shape)}; a routing module must mask the rows its submodule receives")
+        if self.plan.routed_fallback == ALL_TOKENS and self.hold_rows:
+            self.held.append((rows, fp_rows))
+        elif self.plan.routed_fallback == ALL_TOKENS:
+            self._add_every_row(rows, fp_rows)
+        if mask.any():  # a batch may route nothing here
+            self.accumulator.add(rows[mask], None if fp_rows is None else fp_rows[mask])
 
-    def result(self) -> LayerStatistics:
+    def result(self) -> tuple[LayerStatistics | None, RoutedTokens | None]:
+        """The statistics to quantize the group from, and for a routed group its token count and any
+        fallback (the statistics are then every row's, or None for a fallback solver)."""
+        if not self.routed:
+            return self._finished(self.accumulator), None
+        needed = self.plan.routed_min_tokens or self.columns
+        held, self.held = self.held, []
+        if self.accumulator.tokens >= needed:
+            return self._finished(self.accumulator), RoutedTokens(self.accumulator.tokens)
+        for rows, fp_rows in held:  # in batch order, as if accumulated while they came
+            self._add_every_row(rows, fp_rows)
+        routed = RoutedTokens(self.accumulator.tokens, self.plan.routed_fallback)
+        log.warning("%s received %d routed calibration tokens, fewer than %d (calibration.expert_min_tokens, by default "
+                    "the input width): quantized %s (calibration.expert_fallback: %s)", self.name, routed.routed, needed,
+                    "from all the block's tokens as if routed to it" if routed.fallback == ALL_TOKENS
+                    else f"by {routed.fallback}, which needs no statistics", routed.fallback)
+        return (self._finished(self.every_row) if routed.fallback == ALL_TOKENS else None), routed
+
+    def _add_every_row(self, rows: Tensor, fp_rows: Tensor | None) -> None:
+        if self.every_row is None:
+            self.every_row = self.plan.accumulator(self.columns)
+        self.every_row.add(rows, fp_rows)
+
+    def _finished(self, accumulator: StatisticsAccumulator) -> LayerStatistics:
         try:
-            return self.accumulator.result()
+            return accumulator.result()
         except NonFiniteStatisticsError as error:
             raise NonFiniteStatisticsError(
                 f"{error} at the inputs of {self.name}; the model produced non-finite activations there, nothing was "

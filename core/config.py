@@ -60,6 +60,15 @@ class CalibrationConfig(_Strict):
         "block (blocks: as llm-compressor and AutoGPTQ without true-sequential); groups runs each block once per batch "
         "and stream, blocks twice for the quantized stream",
     )
+    expert_min_tokens: int | None = Field(
+        None, ge=1, description="a mixture-of-experts expert whose router sent it fewer calibration tokens than this "
+        "falls back to expert_fallback; default: its input width (below it the Hessian is singular)",
+    )
+    expert_fallback: str = Field(
+        "all-tokens", description="what an expert with too few routed tokens is quantized from: the statistics of "
+        "every token of its block as if routed to it (all-tokens), or a solver that needs no statistics (rtn); "
+        "logged with the count and recorded as the layer's fallback in the report",
+    )
 
 
 class QuantConfig(_Strict):

@@ -35,13 +35,15 @@ class _Cancelled(BaseException):
 
 @dataclass(frozen=True)
 class Stop:
-    """Where a paused forward waits: the ``key`` its stop module was given, the module, and the
+    """Where a paused forward waits: the ``key`` its stop module was given, the module, the
     positional arguments the module is about to receive (after any earlier pre-hooks, such as an
-    online op, have run)."""
+    online op, have run), and a copy of the forward's context variables there (what the model's code
+    set for this call, such as the routing mask of `compquant.core.routing`)."""
 
     key: Hashable
     module: nn.Module
     args: tuple[Any, ...]
+    context: contextvars.Context
 
 
 @dataclass(frozen=True)
@@ -115,4 +117,4 @@ class PausedForward:
         if greenlet.getcurrent() is not self._forward or self._stops[module] in self._passed:
             return
         self._passed.add(self._stops[module])
-        self._forward.parent.switch(Stop(self._stops[module], module, args))
+        self._forward.parent.switch(Stop(self._stops[module], module, args, contextvars.copy_context()))

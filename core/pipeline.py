@@ -26,6 +26,8 @@ from .plugin_manager import default_plugin_manager, registry_for
 from .qlinear import LinearLayout
 from .registry import PluginRegistry
 from .report import QuantReport
+from .routing import ALL_TOKENS
+from .solver import Solver
 from .transform import TransformContext
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,13 @@ def apply_transforms(
 
 
 def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) -> CalibrationPlan:
-    """Resolve every name in ``config`` and validate every option, before any work is done."""
+    """Resolve every name in ``config`` and validate every option, before any work is done. The
+    adapter's `ArchitectureAdapter.prepare` runs here, so that the plan sees the linears it will
+    quantize (fused experts become linears; the model's function is kept)."""
     check_plugins(config, registry)
     solver = registry.get("solver", config.solver)
     adapter = registry.adapter_for(model, config.adapter)
+    adapter.prepare(model)
     check_group_size(config.grid.group_size, [width for _, (_, width) in quantized_linears(model, adapter)])
     return CalibrationPlan(
         adapter=adapter,
@@ -107,13 +112,28 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         fp_inputs=config.calibration.fp_inputs,
         sequential=config.calibration.sequential,
         fp_cache_bytes=config.calibration.fp_cache_mib * 2**20,
+        routed_min_tokens=config.calibration.expert_min_tokens,
+        routed_fallback=config.calibration.expert_fallback,
+        fallback_solver=fallback_solver(config.calibration.expert_fallback, registry),
     )
+
+
+def fallback_solver(name: str, registry: PluginRegistry) -> Solver | None:
+    """The solver ``calibration.expert_fallback`` names, which must need no statistics (an expert
+    that falls back has too few tokens for them); None for ``all-tokens``."""
+    if name == ALL_TOKENS:
+        return None
+    solver = registry.get("solver", name)
+    if solver.statistics(solver.options({})):
+        raise ValueError(f"calibration.expert_fallback must be {ALL_TOKENS!r} or a solver that needs no calibration "
+                         f"statistics (such as rtn), but {name!r} needs them: an expert with too few tokens has none")
+    return solver
 
 
 def quantized_linears(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, tuple[int, int]]]:
     """(path, (out, in) shape) of every linear the calibration loop will quantize, in order."""
     return [(f"{adapter.blocks}.{index}.{name}", tuple(block.get_submodule(name).weight.shape))
-            for index, block in enumerate(adapter.block_list(model)) for name in adapter.linears()]
+            for index, block in enumerate(adapter.block_list(model)) for name in adapter.for_block(block).linears()]
 
 
 def check_group_size(group_size: int, widths: Sequence[int]) -> None:

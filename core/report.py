@@ -11,13 +11,19 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LayerReport:
     """``relative_error`` is ‖(W − Q)X‖² / ‖WX‖² on the quantized-path calibration inputs, from H;
-    None when the solver used no statistics."""
+    None when the solver used no statistics. ``tokens``: how many calibration tokens its statistics
+    came from. For a routed linear (an expert's, `compquant.core.routing`) ``routed_tokens`` is how
+    many its router sent it, and ``fallback`` what it was quantized from when those were too few
+    (``all-tokens``, or the fallback solver, also named in ``solver``)."""
 
     name: str
     solver: str
     shape: tuple[int, int]
     relative_error: float | None
     seconds: float
+    tokens: int | None = None
+    routed_tokens: int | None = None
+    fallback: str | None = None
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""The Llama family from transformers (Llama, Mistral, Qwen2 share the layout)."""
+"""The Llama family from transformers: Llama, Mistral, Qwen2 and Qwen3 share the layout. Qwen3's
+per-head q_norm/k_norm need no entry: they read q_proj/k_proj's outputs, which R1 and R2 leave
+unchanged, and R3 turns queries and keys after RoPE, so after the norms too."""
 from __future__ import annotations
 
 from ..core.adapter import ArchitectureAdapter
@@ -6,7 +8,7 @@ from ..core.plugin_manager import hookimpl
 
 LLAMA = ArchitectureAdapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     blocks="model.layers",
     groups=(
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

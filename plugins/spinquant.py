@@ -110,24 +110,24 @@ def _rotated_weights(
     model: nn.Module, adapter: ArchitectureAdapter, frozen: dict[str, Tensor], r1: Tensor, r2: list[Tensor], grid: Grid
 ) -> dict[str, Tensor]:
     """Every weight the rotations touch, rotated, and the block linears fake-quantized with a
-    straight-through estimator."""
+    straight-through estimator (norm readers that stay in full precision, a router, are only rotated)."""
     weights = {f"{adapter.embedding}.weight": frozen[f"{adapter.embedding}.weight"] @ r1,
                f"{adapter.head}.weight": frozen[f"{adapter.head}.weight"] @ r1}
     value_name, output_name = adapter.value_output
-    for index, rotation in enumerate(r2):
+    for index, (block, rotation) in enumerate(zip(adapter.block_list(model), r2)):
         prefix = f"{adapter.blocks}.{index}"
-        for name in adapter.linears():
+        layout = adapter.for_block(block)
+        quantized = layout.linears()
+        readers = [name for names in layout.norms.values() for name in names]
+        head_dim = rotation.shape[0]
+        for name in dict.fromkeys([*readers, *quantized]):
             w = frozen[f"{prefix}.{name}.weight"]
-            if name in adapter.residual_writers:
-                w = r1.T @ w
-            else:
-                w = w @ r1
-            head_dim = rotation.shape[0]
+            w = r1.T @ w if name in layout.residual_writers else w @ r1
             if name == value_name:
                 w = torch.einsum("dk,hdi->hki", rotation, w.reshape(-1, head_dim, w.shape[1])).reshape(w.shape)
             if name == output_name:
                 w = (w.reshape(w.shape[0], -1, head_dim) @ rotation).reshape(w.shape)
-            weights[f"{prefix}.{name}.weight"] = _fake_quantize_ste(w, grid)
+            weights[f"{prefix}.{name}.weight"] = _fake_quantize_ste(w, grid) if name in quantized else w
     return weights
 
 

@@ -25,6 +25,25 @@ def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COMPQUANT_DATA_DIR", raising=False)
 
 
+def tiny_causal_lm(config, *, seed: int, norm_low: float = 0.5, norm_high: float = 1.5):
+    """A random model of ``config`` whose norm weights are drawn from [norm_low, norm_high] (a fresh
+    model's norms are all alike, which would hide a norm handled wrongly)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(norm_low, norm_high)
+    return model
+
+
+SMALL = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "max_position_embeddings": 256}
+"""The sizes every tiny language model here shares."""
+
+
 @pytest.fixture
 def live_forwards():
     """Lists the paused forwards (`compquant.core.paused_forward`) whose call stacks are still held:
@@ -42,28 +61,69 @@ def live_forwards():
 
 @pytest.fixture
 def make_llama():
-    """Factory for a tiny random causal LM of the Llama family (2 layers, hidden 64)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    """Factory for a tiny random causal LM of the Llama family (2 layers, hidden 64); Qwen3 adds
+    per-head q_norm/k_norm. ``head_dim`` other than hidden / heads makes q_proj wider than the
+    hidden size, as in Qwen3."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}
 
-    def make(family: str = "llama", *, tie: bool = False, seed: int = 0, vocab: int = 300, kv_heads: int = 2):
-        config = configs[family](
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=256,
-            tie_word_embeddings=tie,
-        )
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-        with torch.no_grad():  # random init of norms is all ones; make them informative
-            for name, param in model.named_parameters():
-                if "norm" in name:
-                    param.uniform_(0.5, 1.5)
+    def make(family: str = "llama", *, tie: bool = False, seed: int = 0, vocab: int = 300, kv_heads: int = 2,
+             head_dim: int = 16):
+        config = configs[family](**{**SMALL, "vocab_size": vocab}, intermediate_size=128, num_key_value_heads=kv_heads,
+                                 head_dim=head_dim, tie_word_embeddings=tie)
+        return tiny_causal_lm(config, seed=seed)
+
+    return make
+
+
+@pytest.fixture
+def make_gemma3():
+    """Factory for a tiny random Gemma 3 text model: sandwich norms with ``1 + weight`` scales (weights
+    drawn around 0), a sliding-window layer and a global one, scaled embedding, tied head. With
+    ``even_output_norms`` every post-attention/post-feedforward norm scales all channels alike (the
+    one case in which the residual stream can be rotated through them)."""
+    from transformers import Gemma3TextConfig
+
+    def make(*, even_output_norms: bool = False, seed: int = 0):
+        config = Gemma3TextConfig(**SMALL, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                  query_pre_attn_scalar=16, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+        model = tiny_causal_lm(config, seed=seed, norm_low=-0.5, norm_high=0.5)
+        if even_output_norms:
+            with torch.no_grad():
+                for block in model.model.layers:
+                    for norm in (block.post_attention_layernorm, block.post_feedforward_layernorm):
+                        norm.weight.fill_(float(norm.weight[0]))
+        return model
+
+    return make
+
+
+@pytest.fixture
+def make_moe():
+    """Factory for a tiny random sparse mixture-of-experts decoder as transformers 5 builds it (experts
+    fused in 3-D tensors): ``qwen3_moe`` and ``mixtral`` (4 experts, top 2), ``qwen2_moe`` (adds a
+    shared expert and its gate). The routers are scaled up so that tokens spread unevenly.
+    ``dense_layers`` are Qwen-MoE's ``mlp_only_layers``: blocks with a dense MLP instead."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    def make(family: str = "qwen3_moe", *, seed: int = 0, experts: int = 4, dense_layers: tuple[int, ...] = ()):
+        sizes = {**SMALL, "num_key_value_heads": 2, "head_dim": 16, "num_experts_per_tok": 2}
+        if dense_layers:
+            sizes["mlp_only_layers"] = list(dense_layers)
+        if family == "mixtral":
+            config = MixtralConfig(**sizes, intermediate_size=32, num_local_experts=experts)
+        elif family == "qwen2_moe":
+            config = Qwen2MoeConfig(**sizes, intermediate_size=96, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=64, num_experts=experts)
+        else:
+            config = Qwen3MoeConfig(**sizes, intermediate_size=96, moe_intermediate_size=32, num_experts=experts)
+        model = tiny_causal_lm(config, seed=seed)
+        with torch.no_grad():
+            for index, block in enumerate(model.model.layers):
+                if index not in dense_layers:
+                    block.mlp.gate.weight.normal_(0.0, 0.5)
         return model
 
     return make

@@ -122,7 +122,7 @@ def test_options_that_do_not_fit_the_model(model_dir, data_dir, tmp_path, capsys
                                   "group_timing, percdamp, static_groups)"),
     (["--option", "percdamp=-1"], "solver 'gptq': option percdamp=-1: Input should be greater than or equal to 0"),
     (["--transform", "quarot", "--transform-option", "quarot.r5=true"],
-     "transform 'quarot': unknown option 'r5' (the options there: fallback_random, r2, r3, r4, rotation)"),
+     "transform 'quarot': unknown option 'r5' (the options there: fallback_random, r1, r2, r3, r4, rotation)"),
     (["--bits", "1"], "invalid configuration: option grid.bits=1: Input should be greater than or equal to 2"),
     (["--max-shard-size", "5XB"], "--max-shard-size '5XB' is not a size; write it as e.g. 5GB"),
 ])

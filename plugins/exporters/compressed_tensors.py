@@ -3,7 +3,9 @@ through ``CompressedTensorsConfig``. The packing and the config section are the 
 
 What the format cannot express is refused: groups out of column order (compressed-tensors 0.20
 removed the group index of dynamic act-order; static groups are fine), a last group narrower
-than the group size, and online operations.
+than the group size, online operations, and asymmetric grids on experts that the model's class
+keeps fused in 3-D tensors (transformers 5.24 de-quantizes those into the fused tensors from the
+packed codes and scales alone, without their zero points, and fails to load them).
 
 Loading in transformers: symmetric checkpoints load with plain ``from_pretrained``. Asymmetric
 ones are written as the format specifies (zero points packed along the output dimension), but
@@ -25,6 +27,7 @@ from torch import nn
 from ...core.exporters.base import Exporter, ExportJob, online_ops_problem
 from ...core.plugin_manager import hookimpl
 from ...core.qlinear import QuantizedLinear
+from ...core.routing import unfused_expert_paths
 
 FORMAT = "pack-quantized"
 
@@ -39,6 +42,12 @@ class CompressedTensorsExporter(Exporter):
             return "only transformers models can be written as compressed-tensors; use --format fake"
         if (problem := online_ops_problem(job, "compressed-tensors")) is not None:
             return problem
+        experts = tuple(f"{path}." for path in unfused_expert_paths(job.model))
+        asymmetric = [name for name, layout in job.layouts.items() if name.startswith(experts) and not layout.symmetric]
+        if asymmetric:
+            return (f"{asymmetric[0]} and {len(asymmetric) - 1} other expert linears have asymmetric grids, and "
+                    "transformers loads compressed-tensors experts into its fused 3-D tensors without their zero "
+                    "points; quantize with a symmetric grid (sym: true), or use --format gptq-v2 or --format fake")
         for name, layout in job.layouts.items():
             if not layout.groups_in_order:
                 return (f"{name} has act-order groups out of column order, which compressed-tensors >= 0.20 cannot store "

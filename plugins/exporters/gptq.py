@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ...core.block_store import SafetensorsWeights, materialize
-from ...core.errors import ModelLoadError
+from ...core.errors import ModelLoadError, UnknownPluginError
 from ...core.exporters.base import Exporter, ExportJob, add_quantization_config, online_ops_problem
-from ...core.plugin_manager import hookimpl
+from ...core.plugin_manager import hookimpl, registry_for
 from ...core.qlinear import QuantizedLinear
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,10 @@ class GptqExporter(Exporter):
         del model_config.quantization_config
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        try:  # the checkpoint holds the linears the adapter made (experts the class fuses: one linear each)
+            registry_for(None).adapter_for(model).prepare(model)
+        except UnknownPluginError:
+            pass  # no adapter knows the class: its own linears are the checkpoint's
         weights = SafetensorsWeights(folder)
         linears = sorted({name.removesuffix(".qweight") for name in weights.names() if name.endswith(".qweight")})
         for linear in linears:

@@ -51,10 +51,13 @@ def inputs_of_every_linear(model, calibration, names):
     return result
 
 
-def test_each_group_is_calibrated_on_the_outputs_of_the_quantized_groups_before_it(make_llama, token_batches):
+@pytest.mark.parametrize("family", ["make_llama", "make_gemma3"])
+def test_each_group_is_calibrated_on_the_outputs_of_the_quantized_groups_before_it(request, token_batches, family):
     """True-sequential: the Hessian every group received equals the one the *final* quantized model
-    produces at that group's input, since everything upstream of it was already quantized."""
-    model = make_llama()
+    produces at that group's input, since everything upstream of it was already quantized. Gemma 3's
+    second block is a global-attention layer after a sliding-window one: each block must get its own
+    mask and rotary embedding from the model, not the first block's."""
+    model = request.getfixturevalue(family)()
     calibration = token_batches(6, 24)
     solver = RecordingGPTQ()
     pm = create_plugin_manager(load_entry_points=False)

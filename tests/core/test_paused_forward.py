@@ -87,3 +87,27 @@ def test_closing_unwinds_a_stopped_or_unstarted_forward_through_its_finally_bloc
     unstarted.close()
     assert unwound == ["finally"] and not live_forwards()
     assert not chain.b._forward_pre_hooks  # the stops' hooks are gone with the forwards
+
+
+def test_a_stop_carries_what_its_own_forward_set_in_context_variables():
+    """Each forward has its own context: what the model's code set in one is seen at that forward's
+    stops only, however the forwards interleave (the routing masks of core/routing.py rely on it)."""
+    import contextvars
+
+    tag = contextvars.ContextVar("tag", default=None)
+
+    class Tagging(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x, *, name):
+            tag.set(name)
+            return self.a(x)
+
+    block = Tagging()
+    forwards = [PausedForward(block, (torch.randn(2, 4),), {"name": name}, {block.a: 0}) for name in ("one", "two")]
+    stops = [forward.advance() for forward in forwards]
+    assert [stop.context.get(tag) for stop in stops] == ["one", "two"] and tag.get() is None
+    for forward in forwards:
+        assert forward.advance() is None

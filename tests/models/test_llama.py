@@ -7,7 +7,7 @@ from compquant import QuantConfig
 from compquant.models.llama import LLAMA
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
 def test_adapter_names_exactly_the_blocks_linears(make_llama, family):
     model = make_llama(family)
     assert LLAMA.matches(model)

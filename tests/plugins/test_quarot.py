@@ -33,8 +33,9 @@ def test_quarot_preserves_the_function(make_llama, token_batches, tie, kv_heads,
     assert [type(op) for op in online_ops(model.model.layers[0].mlp.down_proj)] == [OnlineHadamard]
 
 
-def test_r3_turns_queries_and_keys_so_the_kv_cache_holds_rotated_keys(make_llama, token_batches):
-    model = make_llama(tie=True, kv_heads=2)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # Qwen3 normalises each head's q and k before RoPE
+def test_r3_turns_queries_and_keys_so_the_kv_cache_holds_rotated_keys(make_llama, token_batches, family):
+    model = make_llama(family, tie=True, kv_heads=2)
     ids = token_batches(1, 12, seed=5)
     with torch.no_grad():
         plain = model(ids, use_cache=True)
