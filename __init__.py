@@ -28,7 +28,7 @@ from compquant.core.layer import quantize_layer
 from compquant.core.online import OnlineOp, attach_attention_op, attach_input_op
 from compquant.core.plugin_manager import create_plugin_manager, hookimpl, use_builtin_plugins
 from compquant.core.qlinear import QuantizedLinear
-from compquant.core.quantizer import Grid, QuantParams
+from compquant.core.quantizer import Grid, GroupRanges, QuantParams
 from compquant.core.report import LayerReport, QuantReport
 from compquant.core.saving import save_quantized
 from compquant.core.solver import LayerResult, Solver, SolverOptions
@@ -56,6 +56,7 @@ __all__ = [
     "FrozenValue",
     "Grid",
     "GridConfig",
+    "GroupRanges",
     "ImageDataset",
     "LayerReport",
     "LayerResult",
