@@ -8,7 +8,8 @@
     print(compquant.zero_shot(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100).table())
     compquant.save_quantized(loaded.model, loaded.tokenizer, "smol-w3", config=config, report=report)
 
-Solvers, transforms, architecture adapters, exporters and datasets are plugins (docs/plugins.md).
+Solvers, learners, transforms, architecture adapters, exporters and datasets are plugins
+(docs/plugins.md).
 The layers import one way: `compquant.core` at the bottom, then `plugins` and `models`, then
 `evaluation`, then the modules here (`api`, `cli`, `builtins`).
 """
@@ -25,6 +26,8 @@ from compquant.core.dataset import Dataset, ImageDataset, TextDataset
 from compquant.core.errors import CompquantError
 from compquant.core.exporters import Exporter, ExportJob
 from compquant.core.layer import quantize_layer
+from compquant.core.learner import (BlockTask, GradientLearner, LearnedBlock, Learner, LearnerOptions,
+                                    LinearParametrization)
 from compquant.core.online import OnlineOp, attach_attention_op, attach_input_op
 from compquant.core.plugin_manager import create_plugin_manager, hookimpl, use_builtin_plugins
 from compquant.core.qlinear import QuantizedLinear
@@ -46,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Accumulator",
     "ArchitectureAdapter",
+    "BlockTask",
     "CalibrationConfig",
     "ColumnOptions",
     "CompensationTerm",
@@ -54,6 +58,7 @@ __all__ = [
     "ExportJob",
     "Exporter",
     "FrozenValue",
+    "GradientLearner",
     "Grid",
     "GridConfig",
     "GroupRanges",
@@ -61,6 +66,10 @@ __all__ = [
     "LayerReport",
     "LayerResult",
     "LayerStatistics",
+    "LearnedBlock",
+    "Learner",
+    "LearnerOptions",
+    "LinearParametrization",
     "OnlineOp",
     "PerplexityResult",
     "PreparedProblem",

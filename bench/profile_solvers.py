@@ -33,7 +33,7 @@ from common import smollm2_blocks  # bench/common.py, beside this script
 # what it calls that is listed separately.
 PARTS = [
     ("block forwards", "advance", "paused_forward.py"),
-    ("block forwards", "_run_block", "calibration.py"),
+    ("block forwards", "run_block", "adapter.py"),
     ("statistics accumulation", "add", "statistics.py"),
     ("Cholesky / inverse", "inverse_hessian_factor", "columns.py"),
     ("compensation terms (P, R)", "least_squares_absorption", "columns.py"),
