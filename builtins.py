@@ -11,6 +11,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.quarot",
     "compquant.plugins.spinquant",
     "compquant.plugins.lwc",
+    "compquant.plugins.sde",
     "compquant.plugins.exporters.compressed_tensors",
     "compquant.plugins.exporters.gptq",
     "compquant.plugins.exporters.fake",

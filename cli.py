@@ -182,8 +182,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="read, quantize and write one block at a time (a local safetensors folder; no "
                                "transforms, no resume)")
     quantize.add_argument("--learner",
-                          help="train each block by a learner before the solver quantizes it: lwc or any registered "
-                               "one (`compquant plugins` lists them)")
+                          help="train each block by a learner before the solver quantizes it: lwc, lsi, sde or any "
+                               "registered one (`compquant plugins` lists them)")
     quantize.add_argument("--learner-option", action="append", default=[], metavar="KEY=VALUE",
                           help="a learner option, e.g. epochs=10 or lookahead=1")
     quantize.set_defaults(run=_run_quantize)

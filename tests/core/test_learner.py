@@ -47,9 +47,10 @@ def test_a_solver_must_say_which_group_it_quantizes_on_learned_ranges():
     ({"learner": "lwc", "learner_options": {"epoch": 3}},
      "learner 'lwc': unknown option 'epoch' (the options there: epochs, lambda_cl, lookahead, lr)"),
     ({"learner": "lwc", "learner_options": {"lambda_cl": 0.5}}, "lambda_cl weighs the cross-layer loss, which is off"),
+    ({"learner": "sde", "learner_options": {"band": -1}}, "learner 'sde': option band=-1"),
     ({"learner_options": {"epochs": 3}}, "learner_options ['epochs'] are given but no learner"),
     ({"learner": "lwc", "grid": {"clip": True}}, "which learner 'lwc' learns itself; drop --clip"),
-    ({"learner": "omniquant"}, "unknown learner 'omniquant'; available learners: lwc"),
+    ({"learner": "omniquant"}, "unknown learner 'omniquant'; available learners: lsi, lwc, "),
 ])
 def test_bad_learner_settings_are_refused_by_the_checks_run_before_the_model_loads(config, expected):
     with pytest.raises((ValueError, KeyError), match=re.escape(expected)):

@@ -24,7 +24,8 @@ def test_builtins_register_through_the_hooks_with_their_provenance():
 
 def test_the_built_in_learners_register_as_their_own_kind():
     registry = build_registry(create_plugin_manager(load_entry_points=False))
-    assert {name: entry.plugin for name, entry in registry.table("learner").items()} == {"lwc": "compquant.plugins.lwc"}
+    assert {name: entry.plugin for name, entry in registry.table("learner").items()} == {
+        "lwc": "compquant.plugins.lwc", "lsi": "compquant.plugins.sde", "sde": "compquant.plugins.sde"}
 
 
 def test_unknown_name_lists_what_is_available():
