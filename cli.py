@@ -183,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
                                "transforms, no resume)")
     quantize.add_argument("--learner",
                           help="train each block by a learner before the solver quantizes it: lwc, lsi, sde or any "
-                               "registered one (`compquant plugins` lists them)")
+                               "registered one (`compquant plugins` lists them; docs/learners.md)")
     quantize.add_argument("--learner-option", action="append", default=[], metavar="KEY=VALUE",
                           help="a learner option, e.g. epochs=10 or lookahead=1")
     quantize.set_defaults(run=_run_quantize)
