@@ -8,7 +8,8 @@
     print(compquant.zero_shot(loaded.model, loaded.tokenizer, ["piqa", "arc_easy"], limit=100).table())
     compquant.save_quantized(loaded.model, loaded.tokenizer, "smol-w3", config=config, report=report)
 
-Solvers, transforms, architecture adapters, exporters and datasets are plugins (docs/plugins.md).
+Solvers, learners, transforms, architecture adapters, exporters and datasets are plugins
+(docs/plugins.md).
 The layers import one way: `compquant.core` at the bottom, then `plugins` and `models`, then
 `evaluation`, then the modules here (`api`, `cli`, `builtins`).
 """
@@ -25,10 +26,12 @@ from compquant.core.dataset import Dataset, ImageDataset, TextDataset
 from compquant.core.errors import CompquantError
 from compquant.core.exporters import Exporter, ExportJob
 from compquant.core.layer import quantize_layer
+from compquant.core.learner import (BlockTask, GradientLearner, LearnedBlock, Learner, LearnerOptions,
+                                    LinearParametrization)
 from compquant.core.online import OnlineOp, attach_attention_op, attach_input_op
 from compquant.core.plugin_manager import create_plugin_manager, hookimpl, use_builtin_plugins
 from compquant.core.qlinear import QuantizedLinear
-from compquant.core.quantizer import Grid, QuantParams
+from compquant.core.quantizer import Grid, GroupRanges, QuantParams
 from compquant.core.report import LayerReport, QuantReport
 from compquant.core.routing import UnfusedExperts, feeds_every_token, routed_to
 from compquant.core.saving import save_quantized
@@ -47,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Accumulator",
     "ArchitectureAdapter",
+    "BlockTask",
     "CalibrationConfig",
     "ColumnOptions",
     "CompensationTerm",
@@ -55,12 +59,18 @@ __all__ = [
     "ExportJob",
     "Exporter",
     "FrozenValue",
+    "GradientLearner",
     "Grid",
     "GridConfig",
+    "GroupRanges",
     "ImageDataset",
     "LayerReport",
     "LayerResult",
     "LayerStatistics",
+    "LearnedBlock",
+    "Learner",
+    "LearnerOptions",
+    "LinearParametrization",
     "OnlineOp",
     "PerplexityResult",
     "PreparedProblem",

@@ -10,6 +10,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "compquant.plugins.hadamard",
     "compquant.plugins.quarot",
     "compquant.plugins.spinquant",
+    "compquant.plugins.lwc",
+    "compquant.plugins.sde",
     "compquant.plugins.exporters.compressed_tensors",
     "compquant.plugins.exporters.gptq",
     "compquant.plugins.exporters.fake",

@@ -181,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--low-memory", action="store_true",
                           help="read, quantize and write one block at a time (a local safetensors folder; no "
                                "transforms, no resume)")
+    quantize.add_argument("--learner",
+                          help="train each block by a learner before the solver quantizes it: lwc, lsi, sde or any "
+                               "registered one (`compquant plugins` lists them; docs/learners.md)")
+    quantize.add_argument("--learner-option", action="append", default=[], metavar="KEY=VALUE",
+                          help="a learner option, e.g. epochs=10 or lookahead=1")
     quantize.set_defaults(run=_run_quantize)
 
     evaluate = commands.add_parser("eval", help="evaluate an original or saved model")
@@ -281,6 +286,7 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
     overrides = [
         (data, "model", getattr(args, "model", None)),
         (data, "solver", args.solver),
+        (data, "learner", getattr(args, "learner", None)),
         (data, "adapter", args.adapter),
         (data, "transforms", args.transform),
         (data, "device", args.device),
@@ -307,6 +313,9 @@ def build_config(args: argparse.Namespace, defaults: dict[str, dict[str, Any]] |
     for item in args.option:
         key, value = _key_value("--option", "KEY=VALUE", item)
         solver_options[key] = value
+    for item in getattr(args, "learner_option", []):
+        key, value = _key_value("--learner-option", "KEY=VALUE", item)
+        data.setdefault("learner_options", {})[key] = value
     for name, options in transform_options(args.transform_option).items():
         data.setdefault("transform_options", {}).setdefault(name, {}).update(options)
     return QuantConfig.model_validate(data)
@@ -413,7 +422,8 @@ def _print_saved(config: QuantConfig, output: Path, report: Any, how: str) -> No
     export = json.loads((output / REPORT_FILE).read_text()).get("export", {})
     size = sum(path.stat().st_size for path in output.rglob("*") if path.is_file())
     error = report.mean_relative_error
-    print(f"saved {config.solver} W{config.grid.bits} model to {output} as {export.get('format')} "
+    method = config.solver if config.learner is None else f"{config.learner}+{config.solver}"
+    print(f"saved {method} W{config.grid.bits} model to {output} as {export.get('format')} "
           f"({_size(size)} on disk, {export.get('dtype')} tensors; {len(report.layers)} linears, mean relative error "
           f"{'n/a' if error is None else f'{error:.4f}'}; {how})")
 

@@ -35,7 +35,7 @@ from common import smollm2_blocks  # bench/common.py, beside this script
 # (category, function name, file suffix): cumulative times; the column loop is solve_columns minus
 # what it calls that is listed separately.
 PARTS = [
-    ("block forwards", "_run_block", "calibration.py"),
+    ("block forwards", "run_block", "adapter.py"),
     ("statistics accumulation", "add", "calibration.py"),  # _GroupStatistics.add: each batch into a group's accumulators
     ("Cholesky / inverse", "inverse_hessian_factor", "columns.py"),
     ("compensation terms (P, R)", "least_squares_absorption", "columns.py"),

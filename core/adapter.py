@@ -9,11 +9,11 @@ mixture-of-experts layers in one model, a number of experts read off the block).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,13 @@ class ArchitectureAdapter:
     def run(self, model: nn.Module, batch: Any) -> Any:
         """Run the whole model on one calibration batch."""
         return model(batch, **self.forward_kwargs)
+
+
+def hidden_states(output: Any) -> Tensor:
+    """The hidden states in a block's output (transformers' blocks return a tuple, timm's a tensor)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def run_block(block: nn.Module, hidden: Sequence[Tensor], kwargs: Sequence[dict[str, Any]]) -> list[Tensor]:
+    """The block's hidden-state outputs on each batch of ``hidden`` with its keyword arguments."""
+    return [hidden_states(block(h, **kw)) for h, kw in zip(hidden, kwargs)]

@@ -8,8 +8,9 @@ holds one block at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +42,15 @@ class ResidentBlocks:
         """Put the block back; return the records to keep (all of them: the export comes later)."""
         block.to(self.home)
         return records
+
+    @contextlib.contextmanager
+    def borrow(self, prefix: str, block: nn.Module) -> Iterator[None]:
+        """A later block on the device while a learner looks ahead through it, then back home."""
+        block.to(self.device)
+        try:
+            yield
+        finally:
+            block.to(self.home)
 
 
 class SafetensorsWeights:
@@ -128,3 +138,13 @@ class StreamedBlocks:
         self.finished(prefix, block, records)
         empty(block)
         return {name: replace(record, codes=record.codes[:0]) for name, record in records.items()}
+
+    @contextlib.contextmanager
+    def borrow(self, prefix: str, block: nn.Module) -> Iterator[None]:
+        """A later block read in full precision while a learner looks ahead through it, then emptied
+        again (it is read once more when its own turn comes)."""
+        self.load(prefix, block)
+        try:
+            yield
+        finally:
+            empty(block)

@@ -25,6 +25,10 @@ Routed linears (a mixture-of-experts expert's, `compquant.core.routing`): the fo
 routed modules feeding every token to each expert under a mask of the tokens its router chose; a
 group's statistics are of the masked rows (X̃ at the same rows), and a group with too few of them
 falls back (``routed_fallback``), logged and recorded in its `LayerReport`.
+
+With a learner (`compquant.core.learner`, docs/learners.md), the full-precision stream always runs:
+each block is first trained towards its full-precision outputs, then its groups are quantized as
+above on the learned weights and, where it learned them, on the learned grid ranges.
 """
 from __future__ import annotations
 
@@ -33,23 +37,24 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .adapter import ArchitectureAdapter
+from .adapter import ArchitectureAdapter, hidden_states, run_block
 from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
 from .errors import NonFiniteError
 from .finite import describe, non_finite
+from .learner import BlockLearning
 from .memory import return_freed_memory
 from .paused_forward import PausedForward
 from .qlinear import QuantizedLinear
-from .quantizer import Grid
-from .report import LayerReport, QuantReport
+from .quantizer import Grid, GroupRanges
+from .report import BlockReport, LayerReport, QuantReport
 from .routing import ALL_TOKENS, RoutedTokens, every_token, routed_mask
 from .solver import LayerResult, Solver, SolverOptions
 from .statistics import LayerStatistics, NonFiniteStatisticsError, Statistic, StatisticsAccumulator, needs_fp_inputs
@@ -66,7 +71,8 @@ class _Caught(Exception):
 class Activations:
     """The calibration activations entering a block, one tensor per batch: ``hidden`` of the model
     quantized up to this block, ``fp_hidden`` of the full-precision model (None unless a statistic
-    needs X̃), and the keyword arguments (masks, positions) the model passes this block per batch."""
+    needs X̃ or a learner its targets), and the keyword arguments (masks, positions) the model
+    passes this block per batch."""
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
@@ -75,6 +81,9 @@ class Activations:
 
 LayerDone = Callable[[nn.Module, LayerReport, LayerResult], None]
 """Called with each linear, its report and the solver's result once its quantized weight is in place."""
+Learn = Callable[[], Mapping[str, GroupRanges]]
+"""Trains a block before its first group is quantized (a learner): changes the block's weights in
+place and returns the learned grid ranges, by linear path inside the block."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,8 @@ class CalibrationPlan:
     fp_inputs: Literal["auto", "stream", "cache"] = "auto"
     fp_cache_bytes: int = 2 * 2**30
     sequential: Literal["groups", "blocks"] = "groups"
+    learning: BlockLearning | None = None
+    """The learner trained on every block before its linears are quantized, or None."""
     routed_min_tokens: int | None = None
     """A routed group (an expert) with fewer routed tokens falls back; None: its input width."""
     routed_fallback: str = ALL_TOKENS
@@ -107,9 +118,20 @@ class CalibrationPlan:
         return self.solver.statistics(self.options)
 
     @property
+    def uses_data(self) -> bool:
+        """Whether the loop runs the calibration inputs at all: for the solver's statistics or a learner."""
+        return bool(self.wanted) or self.learning is not None
+
+    @property
     def needs_fp_inputs(self) -> bool:
         """Whether the statistics take the full-precision stream."""
         return needs_fp_inputs(self.wanted)
+
+    @property
+    def keeps_fp_stream(self) -> bool:
+        """Whether the full-precision stream is carried from block to block: for the statistics, or
+        for a learner's targets."""
+        return self.needs_fp_inputs or self.learning is not None
 
     def accumulator(self, columns: int) -> StatisticsAccumulator:
         """An empty accumulator of the solver's statistics for inputs of width ``columns``."""
@@ -124,15 +146,17 @@ def calibrate(
     checkpoint: BlockCheckpoint | None = None,
     store: ResidentBlocks | StreamedBlocks | None = None,
 ) -> QuantReport:
-    """Quantize every linear the adapter names, in place. ``batches`` are the model's calibration
-    inputs (token ids for language models); they may be None only for solvers that use no
-    statistics. ``hook`` is the plugin manager's hook relay, or None to call no hooks. With a
-    ``checkpoint``, blocks it records as finished are reloaded instead of quantized again, and
-    every newly finished block is recorded in it. ``store`` says where blocks come from and go to
+    """Quantize every linear the adapter names, in place, after the plan's learner (if any) trained
+    each block. ``batches`` are the model's calibration inputs (token ids for language models); they
+    may be None only for solvers that use no statistics and no learner. ``hook`` is the plugin
+    manager's hook relay, or None to call no hooks. With a ``checkpoint``, blocks it records as
+    finished are reloaded instead of quantized again, and every newly finished block is recorded in
+    it. ``store`` says where blocks come from and go to
     (default: they are in memory; see `compquant.core.block_store`)."""
     started = time.perf_counter()
-    if plan.wanted and not batches:
-        raise ValueError(f"solver {plan.solver_name!r} needs calibration data; none was given")
+    if plan.uses_data and not batches:
+        needs = f"learner {plan.learning.name!r}" if plan.learning is not None else f"solver {plan.solver_name!r}"
+        raise ValueError(f"{needs} needs calibration data; none was given")
     report = QuantReport(solver=plan.solver_name)
     blocks = plan.adapter.block_list(model)
     store = store or ResidentBlocks(plan.device)
@@ -147,25 +171,32 @@ def calibrate(
     with torch.inference_mode():
         activations = None
         store.prepare_outside(model, blocks)
-        if plan.wanted:
+        if plan.uses_data:
             activations, block_kwargs = _catch_block_inputs(model, plan, batches)
             report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
-        for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
-                              total=len(blocks)):
+        method = plan.solver_name if plan.learning is None else f"{plan.learning.name}+{plan.solver_name}"
+        for index in progress(range(start, len(blocks)), desc=f"{method} blocks", initial=start, total=len(blocks)):
             block = blocks[index]
             prefix = f"{plan.adapter.blocks}.{index}"
             store.load(prefix, block)
             if activations is not None:
                 activations.kwargs = block_kwargs[index]
             first = len(report.layers)
-            activations = quantize_block(block, activations, plan, prefix, finished)
+            learned = None
+            if plan.learning is not None:
+                learned = _Learned(plan, index, blocks, activations, block_kwargs, store)
+            activations = quantize_block(block, activations, plan, prefix, finished, learned)
+            if learned is not None:  # the full-precision block's outputs enter the next block's targets
+                activations.fp_hidden = learned.targets
+                report.blocks.append(learned.report)
             done = report.layers[first:]
             records = {layer.name: report.records[layer.name] for layer in done}
             if checkpoint is not None:
                 checkpoint.save_block(index, block, records, done, None if activations is None else activations.hidden,
-                                      None if activations is None else activations.fp_hidden)
+                                      None if activations is None else activations.fp_hidden,
+                                      None if learned is None else learned.report)
             if hook is not None:
                 hook.compquant_after_block(index=index, block=block, report=report)
             report.records.update(store.release(prefix, block, records))
@@ -175,25 +206,33 @@ def calibrate(
 
 
 def quantize_block(
-    block: nn.Module, inputs: Activations | None, plan: CalibrationPlan, prefix: str, finished: LayerDone
+    block: nn.Module,
+    inputs: Activations | None,
+    plan: CalibrationPlan,
+    prefix: str,
+    finished: LayerDone,
+    learn: Learn | None = None,
 ) -> Activations | None:
     """Quantize the adapter's linears of ``block`` in place, group by group, calibrated on
     ``inputs``, and return the activations the quantized block hands on (docs/methods.md §4).
     ``prefix`` is the block's path in the model, for reports and errors; ``finished`` is called with
     each linear as soon as its quantized weight is in place. ``inputs`` is None only for a solver
-    that uses no statistics: then nothing runs and None is returned.
+    that uses no statistics: then nothing runs and None is returned. ``learn`` (a learner) runs once
+    the full-precision stream has what it needs of the unchanged block and before any group is
+    quantized; its ranges are the grids of the linears it names.
 
     This is the loop's unit of work: it needs nothing but its arguments and keeps nothing. An
     exception (a solver's error, non-finite values, an interrupt) leaves no forward paused."""
     groups = plan.adapter.for_block(block).groups  # the one place the loop reads the adapter's groups
     if inputs is None:
         for group in groups:
-            _solve(block, group, None, plan, prefix, finished)
+            _solve(block, group, None, plan, prefix, finished, {})
         return None
     batches = range(len(inputs.hidden))
     with contextlib.ExitStack() as running:
         running.enter_context(every_token())  # routed modules feed every token, under masks (core/routing.py)
         full_precision = _full_precision(block, groups, inputs, plan, prefix, running)  # before anything is quantized
+        ranges = learn() if learn is not None else {}
         streams = _Streams(running.enter_context(_PausedStream(block, groups, inputs.hidden, inputs.kwargs, prefix)),
                            full_precision)
         if plan.sequential == "groups":
@@ -202,7 +241,7 @@ def quantize_block(
                 for batch in batches:
                     statistics.add(*streams.inputs(index, batch))
                 stats, routed = statistics.result()
-                _solve(block, group, stats, plan, prefix, finished, routed)
+                _solve(block, group, stats, plan, prefix, finished, ranges, routed)
             hidden = [streams.finish(batch) for batch in batches]
         else:
             collected = [_GroupStatistics(plan, f"{prefix}.{group[0]}") for group in groups]
@@ -212,26 +251,49 @@ def quantize_block(
                 streams.finish(batch)  # the unquantized block's output: not handed on
             for group, statistics in zip(groups, collected):
                 stats, routed = statistics.result()
-                _solve(block, group, stats, plan, prefix, finished, routed)
+                _solve(block, group, stats, plan, prefix, finished, ranges, routed)
     if plan.sequential == "blocks":  # outside every_token: routed modules route as at inference
-        hidden = _run_block(block, inputs)
+        hidden = run_block(block, inputs.hidden, inputs.kwargs)
     _check_finite(hidden, prefix)
     return Activations(hidden, inputs.kwargs, streams.fp_hidden)
 
 
 def _solve(block: nn.Module, group: Sequence[str], stats: LayerStatistics | None, plan: CalibrationPlan, prefix: str,
-           finished: LayerDone, routed: RoutedTokens | None = None) -> None:
-    """Quantize ``group`` from ``stats``. For a routed group (``routed``) the reports carry its token
-    count and any fallback; one that fell back to a solver of its own is quantized by that solver."""
+           finished: LayerDone, ranges: Mapping[str, GroupRanges], routed: RoutedTokens | None = None) -> None:
+    """Quantize ``group`` from ``stats``, on the learned grid ranges where a learner left them. For a
+    routed group (``routed``) the reports carry its token count and any fallback; one that fell back
+    to a solver of its own is quantized by that solver."""
     if routed is not None and routed.fallback not in (None, ALL_TOKENS):
         solver = plan.fallback_solver
         plan = dataclasses.replace(plan, solver=solver, solver_name=routed.fallback, options=solver.options({}))
         stats = None
     layers = [(f"{prefix}.{name}", block.get_submodule(name)) for name in group]
-    for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan)):
+    learned = [ranges.get(name) for name in group]
+    for (_, layer), (layer_report, result) in zip(layers, _quantize_group(layers, stats, plan, learned)):
         if routed is not None:
             layer_report = dataclasses.replace(layer_report, routed_tokens=routed.routed, fallback=routed.fallback)
         finished(layer, layer_report, result)
+
+
+class _Learned:
+    """The plan's learner on block ``index``, as `quantize_block`'s ``learn``: called, it trains the
+    block (`BlockLearning.run`) and returns the learned ranges; afterwards ``targets`` holds the
+    full-precision block's outputs (the next block's full-precision inputs) and ``report`` how the
+    training went."""
+
+    def __init__(self, plan: CalibrationPlan, index: int, blocks: Sequence[nn.Module], inputs: Activations,
+                 block_kwargs: Sequence[Sequence[dict[str, Any]]], store: ResidentBlocks | StreamedBlocks) -> None:
+        self.plan, self.index, self.blocks, self.inputs, self.store = plan, index, blocks, inputs, store
+        self.block_kwargs = block_kwargs
+        self.targets: list[Tensor] = []
+        self.report: BlockReport | None = None
+
+    def __call__(self) -> Mapping[str, GroupRanges]:
+        plan, inputs = self.plan, self.inputs
+        learned, self.targets, self.report = plan.learning.run(
+            self.index, self.blocks, plan.adapter, inputs.hidden, self.block_kwargs, inputs.fp_hidden, plan.grid,
+            self.store)
+        return learned.ranges
 
 
 def _resume(
@@ -246,6 +308,7 @@ def _resume(
     resumed, records, layers = checkpoint.restore(blocks, plan.adapter.blocks, plan.grid)
     report.records.update(records)
     report.layers.extend(layers)
+    report.blocks.extend(resumed.learning)
     if resumed.blocks_done and activations is not None:
         activations.hidden = [h.to(plan.device) for h in resumed.hidden]
         if activations.fp_hidden is not None:
@@ -262,21 +325,28 @@ def _check_finite(hidden: Sequence[Tensor], prefix: str) -> None:
 
 
 def _quantize_group(
-    layers: list[tuple[str, nn.Module]], stats: LayerStatistics | None, plan: CalibrationPlan
+    layers: list[tuple[str, nn.Module]],
+    stats: LayerStatistics | None,
+    plan: CalibrationPlan,
+    ranges: Sequence[GroupRanges | None],
 ) -> list[tuple[LayerReport, LayerResult]]:
-    """Quantize the linears of one group, which share ``stats``. A solver whose rows are independent
-    solves them stacked: one factorization and one column loop for the whole group."""
+    """Quantize the linears of one group, which share ``stats``, on the plan's grid or on each
+    linear's learned ``ranges`` (None: its grids from its own weights). A solver whose rows are
+    independent solves them stacked: one factorization and one column loop for the whole group."""
     started = time.perf_counter()
     weights = [layer.weight.data for _, layer in layers]
     found = non_finite((f"{name}.weight", weight) for (name, _), weight in zip(layers, weights))
     if found:  # the solver's input is broken, not the solver
         raise NonFiniteError(f"NaN or Inf in {describe(found)} before quantization (the solver's input); nothing was "
                              "written. The model was broken before this layer: check it in full precision (compquant eval)")
-    if plan.solver.rows_independent and len(weights) > 1:
-        stacked = plan.solver.solve(torch.cat(weights), stats, plan.grid, plan.options)
+    learned = [r is not None for r in ranges]
+    if plan.solver.rows_independent and len(weights) > 1 and (all(learned) or not any(learned)):
+        grid = plan.grid.with_ranges(GroupRanges.stacked(ranges) if all(learned) else None)
+        stacked = plan.solver.solve(torch.cat(weights), stats, grid, plan.options)
         results = _split_rows(stacked, [weight.shape[0] for weight in weights])
     else:
-        results = [plan.solver.solve(weight, stats, plan.grid, plan.options) for weight in weights]
+        results = [plan.solver.solve(weight, stats, plan.grid.with_ranges(r), plan.options)
+                   for weight, r in zip(weights, ranges)]
     seconds = (time.perf_counter() - started) / sum(weight.shape[0] for weight in weights)
     done = []
     for (name, layer), weight, result in zip(layers, weights, results):
@@ -343,7 +413,7 @@ def _catch_block_inputs(model: nn.Module, plan: CalibrationPlan,
         for module, device in moved:
             module.to(device)
     caught.kwargs = block_kwargs[0]
-    if plan.needs_fp_inputs:
+    if plan.keeps_fp_stream:
         caught.fp_hidden = list(caught.hidden)
     return caught, block_kwargs
 
@@ -387,7 +457,7 @@ class _PausedStream:
         """The block's output for batch ``batch``, whose forward has passed every group: it runs to the end."""
         forward, self.forwards[batch] = self.forwards[batch], None
         assert forward.advance() is None, "every group has been passed, so the forward cannot stop again"
-        return _hidden_of(forward.output)
+        return hidden_states(forward.output)
 
 
 class _CachedStream:
@@ -416,7 +486,7 @@ def _full_precision(block: nn.Module, groups: Sequence[Sequence[str]], inputs: A
                     prefix: str, running: contextlib.ExitStack) -> _PausedStream | _CachedStream | None:
     """Where this block's X̃ comes from (``fp_inputs``, see the module docstring), or None when no
     statistic needs it. A paused copy is closed with ``running``."""
-    if inputs.fp_hidden is None:
+    if inputs.fp_hidden is None or not plan.needs_fp_inputs:
         return None
     widths = sum(block.get_submodule(group[0]).in_features for group in groups)
     size = sum(h.shape[:-1].numel() for h in inputs.fp_hidden) * widths * inputs.fp_hidden[0].element_size()
@@ -469,6 +539,8 @@ class _GroupStatistics:
         self.columns = 0
 
     def add(self, inputs: Tensor, fp_inputs: Tensor | None, mask: Tensor | None = None) -> None:
+        if not self.plan.wanted:  # a solver without statistics after a learner: the batches only pass by
+            return
         if self.accumulator is None:
             self.accumulator = self.plan.accumulator(inputs.shape[-1])
             self.columns = inputs.shape[-1]
@@ -490,7 +562,10 @@ class _GroupStatistics:
 
     def result(self) -> tuple[LayerStatistics | None, RoutedTokens | None]:
         """The statistics to quantize the group from, and for a routed group its token count and any
-        fallback (the statistics are then every row's, or None for a fallback solver)."""
+        fallback (the statistics are then every row's, or None for a fallback solver). Both are None
+        when the solver asked for no statistics."""
+        if not self.plan.wanted:
+            return None, None
         if not self.routed:
             return self._finished(self.accumulator), None
         needed = self.plan.routed_min_tokens or self.columns
@@ -519,15 +594,6 @@ class _GroupStatistics:
                 f"{error} at the inputs of {self.name}; the model produced non-finite activations there, nothing was "
                 "written"
             ) from None
-
-
-def _run_block(block: nn.Module, activations: Activations) -> list[Tensor]:
-    return [_hidden_of(block(hidden, **kwargs)) for hidden, kwargs in zip(activations.hidden, activations.kwargs)]
-
-
-def _hidden_of(output: Any) -> Tensor:
-    """The hidden states in a block's output (transformers' blocks return a tuple, timm's a tensor)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> list[tuple[nn.Module, torch.device]]:

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .errors import CompquantError
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
-from .report import LayerReport
+from .report import BlockReport, LayerReport
 from .files import save_safetensors
 from .saving import replace_atomic, write_text_atomic
 
@@ -72,6 +72,8 @@ class Resumed:
     blocks_done: int
     hidden: list[Tensor]
     fp_hidden: list[Tensor] | None
+    learning: list[BlockReport] = field(default_factory=list)
+    """The learner's reports of the finished blocks (none without a learner)."""
 
 
 class BlockCheckpoint:
@@ -122,6 +124,10 @@ class BlockCheckpoint:
                 reports.append(report)
                 records[report.name] = QuantizedLinear.from_tensors(tensors, f"record.{report.name}", grid)
         resumed = Resumed(done, [], None)
+        for index in range(done):
+            learned = self.folder / _learning_file(index)
+            if learned.exists():
+                resumed.learning.append(BlockReport(**json.loads(learned.read_text())))
         if done:
             stream = self._load(self.folder / _stream_file(done))
             count = sum(key.startswith("hidden.") for key in stream)
@@ -160,8 +166,10 @@ class BlockCheckpoint:
         reports: list[LayerReport],
         hidden: Sequence[Tensor] | None,
         fp_hidden: Sequence[Tensor] | None,
+        learning: BlockReport | None = None,
     ) -> None:
-        """Record block ``index`` as finished; ``hidden``/``fp_hidden`` enter block ``index + 1``."""
+        """Record block ``index`` as finished; ``hidden``/``fp_hidden`` enter block ``index + 1``;
+        ``learning`` is the learner's report of the block."""
         if index == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.folder / FINGERPRINT_FILE, json.dumps(self.fingerprint, indent=2, sort_keys=True))
@@ -170,6 +178,8 @@ class BlockCheckpoint:
             tensors.update(record.tensors(f"record.{name}"))
         self._save(tensors, self.folder / _block_file(index))
         write_text_atomic(self.folder / _reports_file(index), json.dumps([vars(report) for report in reports]))
+        if learning is not None:
+            write_text_atomic(self.folder / _learning_file(index), json.dumps(asdict(learning)))
         stream = {f"hidden.{i}": h.detach().cpu().contiguous() for i, h in enumerate(hidden or ())}
         stream.update({f"fp.{i}": h.detach().cpu().contiguous() for i, h in enumerate(fp_hidden or ())})
         self._save(stream, self.folder / _stream_file(index + 1))
@@ -210,6 +220,10 @@ def _block_file(index: int) -> str:
 
 def _reports_file(index: int) -> str:
     return f"block_{index:05d}.json"
+
+
+def _learning_file(index: int) -> str:
+    return f"block_{index:05d}.learning.json"
 
 
 def _stream_file(index: int) -> str:

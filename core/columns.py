@@ -322,17 +322,18 @@ def flush_block(block: LazyBlock, w: Tensor) -> None:
 class ColumnGrids:
     """The grids of one solve and the grid of each column (docs/methods.md §0; GPTQ §1: groups, static
     groups): one per row; one per static group, computed up front from the dead-zeroed weight in
-    original column order; or one per group of the quantization order, computed when its first
-    column is reached."""
+    original column order (always so on a grid with learned ranges, which belong to those groups);
+    or one per group of the quantization order, computed when its first column is reached."""
 
     def __init__(self, grid: Grid, weight: Tensor, perm: Tensor | None, *, per_row: QuantParams | None, static: bool) -> None:
         n = weight.shape[1]
         self.grid = grid
         self.size = n if grid.group_size == -1 else grid.group_size
-        self.static = static and grid.group_size != -1
+        self.static = (static or grid.ranges is not None) and grid.group_size != -1
         self.params: list[QuantParams] = [per_row] if per_row is not None else []
         if self.static:
-            self.params = [grid.find_params(weight[:, s : s + self.size]) for s in range(0, n, self.size)]
+            self.params = [grid.find_params(weight[:, s : s + self.size], group=s // self.size)
+                           for s in range(0, n, self.size)]
             self.order = perm.tolist() if perm is not None else list(range(n))
         self.of_column = [0] * n
 

@@ -79,6 +79,9 @@ class QuantConfig(_Strict):
     adapter: str | None = Field(None, description="architecture adapter; detected from the model when unset")
     solver: str = Field("gptq", description="registered solver name")
     solver_options: dict[str, Any] = Field(default_factory=dict, description="the solver's own options")
+    learner: str | None = Field(None, description="registered learner trained on each block before the solver quantizes "
+                                "it (docs/learners.md); none by default")
+    learner_options: dict[str, Any] = Field(default_factory=dict, description="the learner's own options")
     transforms: list[str] = Field(default_factory=list, description="transforms applied in order before calibration")
     transform_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="options per transform name")
     transform_check: bool = Field(

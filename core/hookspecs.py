@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .config import QuantConfig
     from .dataset import Dataset
     from .exporters.base import Exporter
+    from .learner import Learner
     from .online import OnlineOp
     from .registry import Register
     from .report import LayerReport, QuantReport
@@ -61,6 +62,12 @@ def compquant_register_online_ops(register: Register[type[OnlineOp]]) -> None:
     """Register online operation types (`compquant.OnlineOp` subclasses, the classes themselves):
     the only types a saved model's ``compquant_online_ops.json`` can name, so loading a checkpoint
     builds nothing else."""
+
+
+@hookspec
+def compquant_register_learners(register: Register[Learner]) -> None:
+    """Register learners (`compquant.Learner` instances): trained per block, before its linears are
+    quantized, towards the full-precision block's outputs; the name is what ``--learner`` takes."""
 
 
 # ------------------------------------------------------------------------------ before calibration

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .adapter import ArchitectureAdapter
 from .calibration import CalibrationPlan, calibrate
+from .learner import BlockLearning
 from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
 from .config import QuantConfig, check_device_name
@@ -50,10 +51,28 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def check_plugins(config: QuantConfig, registry: PluginRegistry) -> None:
-    """Resolve the solver and transform names in ``config`` and validate their options, so that a bad
-    name or option fails before a model is loaded."""
+    """Resolve the solver, learner and transform names in ``config`` and validate their options, so
+    that a bad name or option fails before a model is loaded."""
     checked_options(registry.get("solver", config.solver), config.solver_options, f"solver {config.solver!r}")
+    check_learner(config, registry)
     check_transforms(config.transforms, config.transform_options, registry)
+
+
+def check_learner(config: QuantConfig, registry: PluginRegistry) -> BlockLearning | None:
+    """The run's learner with its validated options, or None without one. Learner options without
+    a learner, and the clip search beside a learner that learns the clipping, are errors."""
+    if config.learner is None:
+        if config.learner_options:
+            raise ValueError(f"learner_options {sorted(config.learner_options)} are given but no learner; name one "
+                             "with --learner (`compquant plugins` lists them) or drop the options")
+        return None
+    learner = registry.get("learner", config.learner)
+    options = checked_options(learner, config.learner_options, f"learner {config.learner!r}")
+    learning = BlockLearning(config.learner, learner, options, config.seed)
+    if config.grid.clip and learning.learns_ranges:
+        raise ValueError(f"--clip searches each group's clipping range, which learner {config.learner!r} learns itself; "
+                         "drop --clip")
+    return learning
 
 
 def check_transforms(names: Sequence[str], options: dict[str, dict[str, Any]], registry: PluginRegistry) -> None:
@@ -115,6 +134,7 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         routed_min_tokens=config.calibration.expert_min_tokens,
         routed_fallback=config.calibration.expert_fallback,
         fallback_solver=fallback_solver(config.calibration.expert_fallback, registry),
+        learning=check_learner(config, registry),
     )
 
 
@@ -153,6 +173,7 @@ def planned_export(model: nn.Module, config: QuantConfig, registry: PluginRegist
     (placeholders named after the transform). `compquant.core.exporters.check_planned_export` reads it."""
     plan = plan_for(model, config, registry)
     act_order, in_order = plan.solver.column_order(plan.options, plan.grid)
+    in_order = in_order or (plan.learning is not None and plan.learning.learns_ranges)  # learned groups stay in place
     grid = plan.grid
     layouts = {name: LinearLayout(shape, grid.bits, grid.group_size, grid.sym, act_order, in_order)
                for name, shape in quantized_linears(model, plan.adapter)}
@@ -165,10 +186,11 @@ def planned_export(model: nn.Module, config: QuantConfig, registry: PluginRegist
 
 
 def needs_calibration(config: QuantConfig, registry: PluginRegistry) -> bool:
-    """Whether a run of ``config`` needs calibration inputs: its solver asks for statistics, or a
-    transform learns from data."""
+    """Whether a run of ``config`` needs calibration inputs: its solver asks for statistics, a
+    learner trains, or a transform learns from data."""
     solver = registry.get("solver", config.solver)
-    learns = any(registry.get("transform", name).needs_calibration for name in config.transforms)
+    learns = config.learner is not None or any(registry.get("transform", name).needs_calibration
+                                                for name in config.transforms)
     return learns or bool(solver.statistics(solver.options(config.solver_options)))
 
 
@@ -181,7 +203,8 @@ def quantize(
     resume_dir: str | Path | None = None,
     block_store: StreamedBlocks | None = None,
 ) -> QuantReport:
-    """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``.
+    """Apply ``config.transforms`` and quantize ``model`` in place with ``config.solver``, after
+    ``config.learner`` (when there is one) trained each block.
 
     ``calibration`` is either a (samples, ...) tensor of model inputs (token ids for a language
     model), split into batches of ``config.calibration.batch_size``, or a sequence of ready batches;
@@ -197,7 +220,8 @@ def quantize(
     plan = plan_for(model, config, registry)
     if calibration is None and needs_calibration(config, registry):
         raise ValueError(
-            f"solver {config.solver!r} (or a transform) needs calibration data: pass calibration=<model inputs>, or call "
+            f"solver {config.solver!r} (or the learner or a transform) needs calibration data: pass "
+            "calibration=<model inputs>, or call "
             "compquant.quantize with a tokenizer so that windows are drawn from calibration.dataset"
         )
     batches = _batches(calibration, config, model, plan.adapter) if calibration is not None else None
@@ -213,7 +237,7 @@ def quantize(
                          check=config.transform_check, tolerance=config.transform_tolerance)
         pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
         try:
-            report = calibrate(model, plan, batches if plan.wanted else None, hook=pm.hook, checkpoint=checkpoint,
+            report = calibrate(model, plan, batches if plan.uses_data else None, hook=pm.hook, checkpoint=checkpoint,
                                store=block_store)
         except ArithmeticError:  # NaN or Inf: the same inputs would meet them again, so resuming cannot help
             if checkpoint is not None:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -19,21 +19,28 @@ INTERVAL_ENV = "COMPQUANT_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
 
 
-def progress(items: Iterable[T], *, desc: str, total: int | None = None, initial: int = 0) -> Iterator[T]:
-    """``items``, reporting progress as it goes; ``initial`` items were done before (a resumed run)."""
+def progress(items: Iterable[T], *, desc: str, total: int | None = None, initial: int = 0,
+             status: Callable[[], str] | None = None) -> Iterator[T]:
+    """``items``, reporting progress as it goes; ``initial`` items were done before (a resumed run).
+    ``status``, called after each item, adds a word on how it went (a learner's loss) to the bar or line."""
     if os.environ.get("COMPQUANT_NO_PROGRESS"):
         yield from items
     elif sys.stderr.isatty():
         from tqdm.auto import tqdm
 
-        yield from tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+        bar = tqdm(items, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+        for item in bar:
+            yield item
+            if status is not None:
+                bar.set_postfix_str(status())
     else:
-        yield from _logged(items, desc, total, initial, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)))
+        yield from _logged(items, desc, total, initial, float(os.environ.get(INTERVAL_ENV, DEFAULT_INTERVAL)), status)
 
 
-def _logged(items: Iterable[T], desc: str, total: int | None, initial: int, interval: float) -> Iterator[T]:
-    """Log ``desc: k of n done, elapsed, about t left`` once ``interval`` seconds have passed since
-    the last line, and when the last item is done."""
+def _logged(items: Iterable[T], desc: str, total: int | None, initial: int, interval: float,
+            status: Callable[[], str] | None = None) -> Iterator[T]:
+    """Log ``desc: k of n done, elapsed, about t left`` (and ``; status``) once ``interval`` seconds
+    have passed since the last line, and when the last item is done."""
     started = last = time.monotonic()
     done = initial
     for item in items:
@@ -42,7 +49,8 @@ def _logged(items: Iterable[T], desc: str, total: int | None, initial: int, inte
         now = time.monotonic()
         if now - last >= interval or done == total:
             last = now
-            log.info("%s: %s", desc, progress_line(done, total, initial, now - started))
+            line = progress_line(done, total, initial, now - started)
+            log.info("%s: %s", desc, line if status is None else f"{line}; {status()}")
 
 
 def progress_line(done: int, total: int | None, initial: int, elapsed: float) -> str:

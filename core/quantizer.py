@@ -11,10 +11,14 @@ is used (docs/methods.md §0):
   put the zero at ``(qmax + 1) / 2``; no scale clamp.
 
 Everywhere ``weight = scale * (code - zero)``, with one scale and zero per row and group.
+
+A grid may carry learned `GroupRanges` (a learner's clipping, docs/learners.md): each group's scale
+and zero then come from its learned interval instead of the weights' own min/max.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -31,9 +35,34 @@ class QuantParams:
     zero: Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class GroupRanges:
+    """The interval each grid of one linear covers, ``lo`` and ``hi`` of shape (rows, groups),
+    learned instead of read off the weights (a learner's clipping). Like the weights' own ranges
+    they hold 0 (``lo <= 0 <= hi``), so that every zero point lies on the code range."""
+
+    lo: Tensor
+    hi: Tensor
+
+    @classmethod
+    def stacked(cls, ranges: Sequence[GroupRanges]) -> GroupRanges:
+        """The ranges of linears solved as one stacked matrix (their rows one after another)."""
+        return cls(torch.cat([r.lo for r in ranges]), torch.cat([r.hi for r in ranges]))
+
+    def of_group(self, group: int | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The (rows,) interval of ``group``, in ``like``'s dtype and device; None names the only group."""
+        if group is None:
+            if self.lo.shape[1] != 1:
+                raise ValueError(f"this grid carries learned ranges for {self.lo.shape[1]} groups, so the solver must "
+                                 "say which group it quantizes: grid.find_params(w, group=index)")
+            group = 0
+        return self.lo[:, group].to(like), self.hi[:, group].to(like)
+
+
 @dataclass(frozen=True)
 class Grid:
-    """A uniform integer grid for weights; ``group_size=-1`` means one grid per row."""
+    """A uniform integer grid for weights; ``group_size=-1`` means one grid per row. With
+    ``ranges`` (see `with_ranges`), the intervals of one linear's grids are learned ones."""
 
     bits: int = 4
     sym: bool = False
@@ -43,6 +72,7 @@ class Grid:
     clip_steps: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.4
+    ranges: GroupRanges | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -69,14 +99,38 @@ class Grid:
         """First column of every group; the last group may be partial."""
         return range(0, columns, columns if self.group_size == -1 else self.group_size)
 
+    def with_ranges(self, ranges: GroupRanges | None) -> Grid:
+        """This grid with learned intervals for one linear's groups (or without them, for None)."""
+        return replace(self, ranges=ranges)
+
     # ---------------------------------------------------------------- parameters
-    def find_params(self, w: Tensor) -> QuantParams:
-        """Scale and zero for each row of ``w`` (rows, columns), with the clip search if enabled."""
-        lo, hi = self._range(w)
-        params = self._params_from_range(lo, hi, clamp_span=True)
+    def find_params(self, w: Tensor, group: int | None = None) -> QuantParams:
+        """Scale and zero for each row of ``w`` (rows, columns), with the clip search if enabled.
+        With learned ``ranges``, the interval of ``group`` (the index of ``w``'s group in its
+        linear) replaces ``w``'s own, and there is nothing to search."""
+        if self.ranges is not None:
+            return self.params_from_range(*self.ranges.of_group(group, w))
+        lo, hi = self.weight_range(w)
+        params = self.params_from_range(lo, hi)
         return self._clip_search(w, lo, hi, params) if self.clip else params
 
-    def _range(self, w: Tensor) -> tuple[Tensor, Tensor]:
+    def params_from_range(self, lo: Tensor, hi: Tensor) -> QuantParams:
+        """Scale and zero of the grids covering ``[lo, hi]`` (any shape), differentiable in ``lo``
+        and ``hi`` except through the rounded zero point (as in OmniQuant)."""
+        return self._params_from_range(lo, hi, clamp_span=True)
+
+    def group_ranges(self, w: Tensor) -> GroupRanges:
+        """The interval each group of ``w`` (rows, columns) covers by its own min/max (differentiable)."""
+        size = w.shape[1] if self.group_size == -1 else self.group_size
+        lows, highs = zip(*(self.weight_range(w[:, start : start + size]) for start in self.group_starts(w.shape[1])))
+        return GroupRanges(torch.stack(lows, dim=1), torch.stack(highs, dim=1))
+
+    def group_index(self, columns: int, device: torch.device | str | None = None) -> Tensor:
+        """The group of each of ``columns`` input columns, in column order."""
+        size = columns if self.group_size == -1 else self.group_size
+        return torch.arange(columns, device=device) // size
+
+    def weight_range(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row interval the grid must cover; it always contains 0."""
         zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         lo = torch.minimum(w.min(dim=1).values, zeros)

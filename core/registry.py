@@ -14,6 +14,7 @@ from .adapter import ArchitectureAdapter
 from .dataset import Dataset
 from .errors import PluginConflictError, UnknownPluginError
 from .exporters.base import Exporter
+from .learner import Learner
 from .online import OnlineOp
 from .solver import Solver
 from .transform import Transform
@@ -31,6 +32,7 @@ KINDS: dict[str, type] = {
     "exporter": Exporter,
     "dataset": Dataset,
     "online_op": OnlineOp,
+    "learner": Learner,
 }
 #: Kinds whose plugins register classes (built when a saved model is loaded), not instances.
 CLASS_KINDS = frozenset({"online_op"})

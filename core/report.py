@@ -26,6 +26,16 @@ class LayerReport:
     fallback: str | None = None
 
 
+@dataclass(frozen=True)
+class BlockReport:
+    """How a learner trained one block: the mean loss of each epoch, and the time it took."""
+
+    name: str
+    learner: str
+    losses: list[float]
+    seconds: float
+
+
 @dataclass
 class QuantReport:
     solver: str
@@ -34,10 +44,12 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     records: dict[str, QuantizedLinear] = field(default_factory=dict, repr=False)
     """Codes and grids of every quantized linear, by path, for the exporters."""
+    blocks: list[BlockReport] = field(default_factory=list)
+    """One entry per block a learner trained (none without a learner)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"solver": self.solver, "calibration_tokens": self.calibration_tokens, "seconds": self.seconds,
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers], "blocks": [asdict(block) for block in self.blocks]}
 
     @property
     def mean_relative_error(self) -> float | None:

@@ -11,13 +11,14 @@ from ..core.statistics import LayerStatistics, Statistic
 
 
 def round_to_nearest(weight: Tensor, grid: Grid) -> LayerResult:
-    """Each group of columns gets its own grid from its own min/max; no compensation."""
+    """Each group of columns gets its own grid from its own min/max (or its learned range, on a grid
+    that carries them); no compensation."""
     w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
     codes, grids = torch.empty_like(w), []
     g_idx = torch.empty(w.shape[1], dtype=torch.long, device=w.device)
     for index, start in enumerate(grid.group_starts(w.shape[1])):
         columns = slice(start, start + (w.shape[1] if grid.group_size == -1 else grid.group_size))
-        params = grid.find_params(w[:, columns])
+        params = grid.find_params(w[:, columns], group=index)
         codes[:, columns] = grid.quantize(w[:, columns], params)
         g_idx[columns] = index
         grids.append(params)

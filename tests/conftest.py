@@ -191,3 +191,25 @@ def correlated_layer():
         return weight.to(dtype), inputs.to(dtype)
 
     return make
+
+
+@pytest.fixture
+def block_error():
+    """Mean squared error of block 0's outputs in ``model`` against those in ``reference`` on
+    ``batches``: what a learner minimises for that block (its inputs are the same in both, the
+    embeddings are not quantized)."""
+
+    def error(model, reference, batches) -> float:
+        outputs = []
+        for net in (model, reference):
+            seen = []
+            handle = net.model.layers[0].register_forward_hook(
+                lambda module, args, output: seen.append(output[0] if isinstance(output, tuple) else output))
+            with torch.no_grad():
+                for batch in batches:
+                    net(batch)
+            handle.remove()
+            outputs.append(torch.cat(seen))
+        return float(((outputs[0] - outputs[1]) ** 2).mean())
+
+    return error

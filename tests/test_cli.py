@@ -30,6 +30,18 @@ def test_quantize_writes_model_config_and_report(model_dir, data_dir, tmp_path, 
     assert max(len(torch.unique(row)) for row in weight[:, :32]) <= 8
 
 
+def test_quantize_with_a_learner_before_gptq(model_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(quantize_args(model_dir, data_dir, output, "--learner", "sde", "--learner-option", "epochs=2",
+                              "--learner-option", "lookahead=1", "--format", "gptq")) == 0
+    assert "saved sde+gptq W3 model" in capsys.readouterr().out
+    config = json.loads((output / "compquant.json").read_text())
+    assert config["learner"] == "sde" and config["learner_options"] == {"epochs": 2, "lookahead": 1}
+    report = json.loads((output / "compquant_report.json").read_text())
+    assert [len(block["losses"]) for block in report["blocks"]] == [2, 2]
+    assert {layer["solver"] for layer in report["layers"]} == {"gptq"}
+
+
 def test_config_file_is_overridden_by_options(model_dir, data_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("solver: rtn\ngrid:\n  bits: 8\n  group_size: -1\n")

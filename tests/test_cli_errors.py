@@ -125,6 +125,13 @@ def test_options_that_do_not_fit_the_model(model_dir, data_dir, tmp_path, capsys
      "transform 'quarot': unknown option 'r5' (the options there: fallback_random, r1, r2, r3, r4, rotation)"),
     (["--bits", "1"], "invalid configuration: option grid.bits=1: Input should be greater than or equal to 2"),
     (["--max-shard-size", "5XB"], "--max-shard-size '5XB' is not a size; write it as e.g. 5GB"),
+    (["--learner", "lwc", "--learner-option", "epoch=3"],
+     "learner 'lwc': unknown option 'epoch' (the options there: epochs, lambda_cl, lookahead, lr)"),
+    (["--learner", "sde", "--learner-option", "lambda_cl=0.5"],
+     "learner 'sde': lambda_cl weighs the cross-layer loss, which is off with lookahead 0"),
+    (["--learner-option", "epochs=3"], "learner_options ['epochs'] are given but no learner"),
+    (["--learner", "lwc", "--clip"], "which learner 'lwc' learns itself; drop --clip"),
+    (["--learner", "omniquant"], "unknown learner 'omniquant'"),
 ])
 def test_option_errors_name_the_option_and_the_fix_before_the_model_loads(model_dir, data_dir, tmp_path, capsys,
                                                                           no_model, extra, expected):

@@ -1,5 +1,5 @@
-"""The manual keeps up with the code: every config key and built-in option is in the config
-reference, every relative link resolves, and the README stays a front page."""
+"""The manual keeps up with the code: every config key and built-in solver, learner and transform
+option is in the config reference, every relative link resolves, and the README stays a front page."""
 import re
 from pathlib import Path
 
@@ -17,7 +17,7 @@ CONFIG = (ROOT / "docs" / "config.md").read_text()
 def options():
     for model in (QuantConfig, GridConfig, CalibrationConfig):
         yield from ((model.__name__, name) for name in model.model_fields)
-    for kind in ("solver", "transform"):
+    for kind in ("solver", "learner", "transform"):
         for name, entry in default_registry().table(kind).items():
             yield from ((name, option) for option in entry.obj.Options.model_fields)
 

@@ -1,4 +1,4 @@
-"""A third-party package adds a solver, a checkpoint format and a dataset through the `compquant`
+"""A third-party package adds a solver, a learner, a checkpoint format and a dataset through the `compquant`
 entry-point group, with no change to compquant: installed for real with pip into a temporary
 folder, then used by name from a config and end to end through the command line."""
 import json
@@ -43,7 +43,8 @@ def installed_plugin(tmp_path_factory):
 
 def test_entry_point_plugin_registers_every_kind_with_its_distribution(installed_plugin):
     registry = build_registry(create_plugin_manager())
-    for kind, name in (("solver", "per-row-nearest"), ("exporter", "example-codes"), ("dataset", "example-corpus")):
+    for kind, name in (("solver", "per-row-nearest"), ("learner", "row-scale"), ("exporter", "example-codes"),
+                       ("dataset", "example-corpus")):
         assert registry.table(kind)[name].distribution == DISTRIBUTION
 
 
@@ -54,6 +55,16 @@ def test_entry_point_solver_is_selected_by_name_from_a_config(installed_plugin, 
     assert {layer.solver for layer in report.layers} == {"per-row-nearest"}
     weight = model.model.layers[0].mlp.down_proj.weight
     assert max(len(torch.unique(row)) for row in weight) <= 16
+
+
+def test_entry_point_learner_trains_each_block_before_the_solver(installed_plugin, make_llama, token_batches):
+    model = make_llama()
+    config = compquant.QuantConfig.model_validate({"solver": "rtn", "learner": "row-scale",
+                                                   "learner_options": {"epochs": 2, "lr": 1e-2},
+                                                   "grid": {"bits": 3, "group_size": 32}})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16), plugin_manager=create_plugin_manager())
+    assert [block.learner for block in report.blocks] == ["row-scale", "row-scale"]
+    assert all(len(block.losses) == 2 for block in report.blocks)
 
 
 def test_blocked_entry_point_is_not_loaded(installed_plugin, monkeypatch):

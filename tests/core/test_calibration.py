@@ -399,11 +399,14 @@ def test_every_linear_runs_once_per_batch_per_stream_per_block(make_llama, token
         assert len(calls) == (14 if passes else 0) and set(calls.values()) <= {3 * passes}, (solver, options, calls)
 
 
-def rerunning_reference_block(block, inputs, plan, prefix, finished):
+def rerunning_reference_block(block, inputs, plan, prefix, finished, learn=None):
     """The loop as it was before one pass per block, kept as the reference: each group's inputs
     come from re-running the block from its input up to the group's first linear for every batch
-    (X̃ likewise through an unquantized copy), then the quantized block runs once more."""
+    (X̃ likewise through an unquantized copy), then the quantized block runs once more. (It has no
+    learner, as the loop had none then.)"""
     from compquant.core import calibration as loop
+
+    assert learn is None
 
     original = copy.deepcopy(block) if inputs.fp_hidden is not None else None
 
@@ -438,10 +441,10 @@ def rerunning_reference_block(block, inputs, plan, prefix, finished):
     groups = plan.adapter.groups
     if plan.sequential == "blocks":
         for group, stats in zip(groups, [statistics(group) for group in groups]):
-            loop._solve(block, group, stats, plan, prefix, finished)
+            loop._solve(block, group, stats, plan, prefix, finished, {})
     else:
         for group in groups:
-            loop._solve(block, group, statistics(group), plan, prefix, finished)
+            loop._solve(block, group, statistics(group), plan, prefix, finished, {})
     return loop.Activations(run(block, inputs.hidden), inputs.kwargs,
                             None if original is None else run(original, inputs.fp_hidden))
 

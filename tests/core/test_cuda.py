@@ -25,3 +25,13 @@ def test_cuda_layer_solve_runs_on_the_device(correlated_layer):
     weight, inputs = correlated_layer()
     result = compquant.quantize_layer(weight.cuda(), inputs.cuda(), bits=3, group_size=32, act_order=True)
     assert result.weight.device.type == "cuda" and torch.isfinite(result.weight).all()
+
+
+def test_cuda_learning_with_a_look_ahead_runs_on_the_device_and_hands_the_blocks_back(make_llama, token_batches):
+    model = make_llama()
+    config = QuantConfig(solver="gptq", learner="sde", grid={"bits": 3, "group_size": 32}, device="cuda",
+                         learner_options={"epochs": 2, "lookahead": 1})
+    report = compquant.quantize(model, config, calibration=token_batches(4, 16))
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}  # look-ahead blocks too
+    assert [len(block.losses) for block in report.blocks] == [2, 2]
+    assert all(torch.isfinite(record.scale).all() for record in report.records.values())

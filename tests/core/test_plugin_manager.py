@@ -22,6 +22,12 @@ def test_builtins_register_through_the_hooks_with_their_provenance():
     assert entry.plugin == "compquant.plugins.gptq" and "built-in" in entry.distribution
 
 
+def test_the_built_in_learners_register_as_their_own_kind():
+    registry = build_registry(create_plugin_manager(load_entry_points=False))
+    assert {name: entry.plugin for name, entry in registry.table("learner").items()} == {
+        "lwc": "compquant.plugins.lwc", "lsi": "compquant.plugins.sde", "sde": "compquant.plugins.sde"}
+
+
 def test_unknown_name_lists_what_is_available():
     registry = build_registry(create_plugin_manager(load_entry_points=False))
     with pytest.raises(UnknownPluginError, match=r"unknown solver 'gptx'; available solvers: .*gptq.*rtn"):
@@ -49,10 +55,17 @@ class WrongType:
         register("not-a-solver", object())
 
 
-def test_registering_the_wrong_type_is_refused():
+class WrongLearner:
+    @compquant.hookimpl
+    def compquant_register_learners(self, register):
+        register("not-a-learner", RTN())
+
+
+@pytest.mark.parametrize("plugin, expected", [(WrongType(), "compquant.Solver"), (WrongLearner(), "compquant.Learner")])
+def test_registering_the_wrong_type_is_refused(plugin, expected):
     pm = create_plugin_manager(load_entry_points=False)
-    pm.register(WrongType(), name="wrong")
-    with pytest.raises(TypeError, match="compquant.Solver"):
+    pm.register(plugin, name="wrong")
+    with pytest.raises(TypeError, match=expected):
         build_registry(pm)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import compquant
 from compquant import Grid
 
 
@@ -76,3 +77,18 @@ def test_invalid_grid_is_a_clear_error(kwargs, message):
 def test_group_starts_include_a_partial_last_group():
     assert list(Grid(group_size=128).group_starts(576)) == [0, 128, 256, 384, 512]
     assert list(Grid(group_size=-1).group_starts(576)) == [0]
+
+
+def test_learned_ranges_replace_each_groups_own_interval():
+    grid = Grid(bits=3, group_size=4)
+    w = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    own = grid.group_ranges(w)
+    assert own.lo.shape == own.hi.shape == (3, 3)  # the partial last group counts
+    learned = grid.with_ranges(compquant.GroupRanges(own.lo / 2, own.hi / 2))
+    for group, start in enumerate(grid.group_starts(10)):
+        expected = grid.params_from_range(own.lo[:, group] / 2, own.hi[:, group] / 2)
+        params = learned.find_params(w[:, start:start + 4], group=group)
+        assert torch.equal(params.scale, expected.scale) and torch.equal(params.zero, expected.zero)
+        assert torch.equal(grid.find_params(w[:, start:start + 4]).scale, grid.params_from_range(
+            own.lo[:, group], own.hi[:, group]).scale)
+    assert learned == grid  # the ranges belong to one linear, not to the grid's settings

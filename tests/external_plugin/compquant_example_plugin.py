@@ -1,5 +1,5 @@
-"""A third-party compquant plugin: a solver, a checkpoint format and a dataset, registered through
-the `compquant` entry-point group with no change to compquant."""
+"""A third-party compquant plugin: a solver, a learner, a checkpoint format and a dataset,
+registered through the `compquant` entry-point group with no change to compquant."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 import compquant
+from pydantic import Field
 
 
 class PerRowNearest(compquant.Solver):
@@ -26,6 +27,32 @@ class PerRowNearest(compquant.Solver):
             zero=params.zero.unsqueeze(1),
             g_idx=torch.zeros(weight.shape[1], dtype=torch.long),
         )
+
+
+class RowScaleOptions(compquant.LearnerOptions):
+    lr: float = Field(1e-3, gt=0, description="learning rate of the row scales")
+
+
+class RowScale(compquant.LinearParametrization):
+    """The weight with one trainable factor per output row (starting at 1); grids from its min/max."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.register_buffer("base", weight.detach().clone())
+        self.scale = torch.nn.Parameter(torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device))
+
+    def weight(self):
+        return self.scale * self.base
+
+
+class RowScaleLearner(compquant.GradientLearner):
+    """Learns a scale per output row of every linear, so that the quantized block matches the
+    full-precision one."""
+
+    Options = RowScaleOptions
+
+    def parametrize(self, linear, grid, options):
+        return RowScale(linear.weight)
 
 
 class ExampleCodes(compquant.Exporter):
@@ -87,6 +114,11 @@ class ExampleCorpus(compquant.TextDataset):
 @compquant.hookimpl
 def compquant_register_solvers(register):
     register("per-row-nearest", PerRowNearest())
+
+
+@compquant.hookimpl
+def compquant_register_learners(register):
+    register("row-scale", RowScaleLearner())
 
 
 @compquant.hookimpl

@@ -55,6 +55,19 @@ def test_every_solver_quantizes_a_deit_and_the_reload_gives_the_same_logits(make
         torch.testing.assert_close(reloaded.model(x), model(x), rtol=0, atol=0)
 
 
+def test_a_learner_trains_each_deit_block_before_gptq(make_deit, tmp_path):
+    model = make_deit()
+    config = QuantConfig(solver="gptq", learner="sde", grid={"bits": 3, "group_size": 32}, calibration={"batch_size": 4},
+                         learner_options={"epochs": 2, "lookahead": 1})
+    report = compquant.quantize(model, config, calibration=images())
+    assert [block.name for block in report.blocks] == ["blocks.0", "blocks.1"]
+    reloaded = compquant.load_model(str(compquant.save_quantized(model, None, tmp_path / "q", config=config,
+                                                                 report=report)))
+    x = images(4, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model(x), model(x), rtol=0, atol=0)
+
+
 def test_rotations_are_refused_on_layernorm_models(make_deit):
     with pytest.raises(ValueError, match="LayerNorm.*RMSNorm models only"):
         compquant.quantize(make_deit(), QuantConfig(solver="rtn", transforms=["quarot"]))

@@ -6,6 +6,7 @@ import torch
 import compquant
 from compquant import Grid, quantize_layer
 from compquant.core.columns import NumericalWarning
+from compquant.core.plugin_manager import registry_for
 
 
 def output_error(weight, quantized, inputs):
@@ -123,3 +124,17 @@ def test_static_groups_with_a_group_timing_is_a_clear_error(correlated_layer):
     weight, inputs = correlated_layer()
     with pytest.raises(ValueError, match="static_groups.*group_timing"):
         quantize_layer(weight, inputs, static_groups=True, group_timing="fresh")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_on_learned_ranges_every_group_keeps_its_learned_grid_in_column_order(correlated_layer, act_order):
+    weight, inputs = correlated_layer()
+    grid = Grid(bits=3, group_size=32)
+    own = grid.group_ranges(weight)
+    ranges = compquant.GroupRanges(own.lo * 0.7, own.hi * 0.8)
+    stats = compquant.LayerStatistics(2 / inputs.shape[0] * inputs.T @ inputs, None, inputs.shape[0])
+    solver = registry_for(None).get("solver", "gptq")
+    result = solver.solve(weight, stats, grid.with_ranges(ranges), solver.options({"act_order": act_order}))
+    expected = grid.params_from_range(ranges.lo, ranges.hi)
+    assert torch.equal(result.scale, expected.scale) and torch.equal(result.zero, expected.zero)
+    assert torch.equal(result.g_idx, torch.arange(weight.shape[1]) // 32)
