@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .adapter import ArchitectureAdapter
 from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
+from .distributed import Ranks, SharedCheckpoint
 from .errors import NonFiniteError
 from .finite import describe, non_finite
 from .memory import return_freed_memory
@@ -84,6 +85,8 @@ class CalibrationPlan:
     fp_inputs: Literal["auto", "stream", "cache"] = "auto"
     fp_cache_bytes: int = 2 * 2**30
     sequential: Literal["groups", "blocks"] = "groups"
+    ranks: Ranks = Ranks()
+    """The processes the run is spread over (`compquant.core.distributed`); one by default."""
 
     @property
     def wanted(self) -> frozenset[Statistic]:
@@ -104,7 +107,7 @@ def calibrate(
     plan: CalibrationPlan,
     batches: Sequence[Tensor] | None,
     hook: Any | None = None,
-    checkpoint: BlockCheckpoint | None = None,
+    checkpoint: BlockCheckpoint | SharedCheckpoint | None = None,
     store: ResidentBlocks | StreamedBlocks | None = None,
 ) -> QuantReport:
     """Quantize every linear the adapter names, in place. ``batches`` are the model's calibration
@@ -132,7 +135,7 @@ def calibrate(
         store.prepare_outside(model, blocks)
         if plan.wanted:
             activations = _catch_block_inputs(model, plan, batches)
-            report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
+            report.calibration_tokens = plan.ranks.total(sum(h.shape[:-1].numel() for h in activations.hidden))
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
         for index in progress(range(start, len(blocks)), desc=f"{plan.solver_name} blocks", initial=start,
@@ -204,7 +207,7 @@ def _solve(block: nn.Module, group: Sequence[str], stats: LayerStatistics | None
 
 
 def _resume(
-    checkpoint: BlockCheckpoint,
+    checkpoint: BlockCheckpoint | SharedCheckpoint,
     blocks: Sequence[nn.Module],
     plan: CalibrationPlan,
     report: QuantReport,
@@ -241,8 +244,8 @@ def _quantize_group(
     if found:  # the solver's input is broken, not the solver
         raise NonFiniteError(f"NaN or Inf in {describe(found)} before quantization (the solver's input); nothing was "
                              "written. The model was broken before this layer: check it in full precision (compquant eval)")
-    if plan.solver.rows_independent and len(weights) > 1:
-        stacked = plan.solver.solve(torch.cat(weights), stats, plan.grid, plan.options)
+    if plan.solver.rows_independent and (len(weights) > 1 or plan.ranks.world > 1):
+        stacked = plan.ranks.solve_rows(plan.solver, torch.cat(weights), stats, plan.grid, plan.options)
         results = _split_rows(stacked, [weight.shape[0] for weight in weights])
     else:
         results = [plan.solver.solve(weight, stats, plan.grid, plan.options) for weight in weights]
@@ -414,6 +417,7 @@ class _GroupStatistics:
         self.accumulator.add(inputs, fp_inputs)
 
     def result(self) -> LayerStatistics:
+        self.plan.ranks.combine(self.accumulator)
         try:
             return self.accumulator.result()
         except NonFiniteStatisticsError as error:

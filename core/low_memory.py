@@ -7,7 +7,8 @@ first block's inputs, and every other tensor outside the blocks is copied from t
 to the output one at a time. Peak memory is about one block, its solve, and the calibration
 activations of one block's input, whatever the depth of the model.
 
-Transforms (which rewrite every block together) and resuming are not available in this mode.
+Transforms (which rewrite every block together), resuming and several ranks are not available in
+this mode.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from .block_store import SafetensorsWeights, StreamedBlocks
 from .config import QuantConfig
+from .distributed import Ranks
 from .finite import check_input_weights
 from .exporters import ExportError, Exporter, ExportJob, ShardWriter, choose_exporter, write_config
 from .pipeline import quantize, resolve_device
@@ -51,6 +53,9 @@ def quantize_low_memory(
     """Quantize the skeleton ``model`` whose tensors lie in ``weights`` with ``calibration`` and
     write it to ``output`` in ``format``, block by block (see the module docstring); ``tokenizer``
     is saved beside it. Returns the report."""
+    if Ranks.current().world > 1:
+        raise ValueError(f"low-memory mode runs on one process, not on the {Ranks.current().world} ranks of this "
+                         "torch.distributed run; drop --low-memory, or run it without torchrun/--nproc")
     if config.transforms:
         raise ValueError(f"transforms {config.transforms} rewrite every block at once, which low-memory mode cannot "
                          "do; drop --low-memory (the model must then fit in memory) or the transforms")
