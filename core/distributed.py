@@ -10,12 +10,14 @@ onto rank 0), so it resumes on any number of ranks.
 
 The library never starts a process group itself: `Ranks.current` reads the one the caller (the CLI,
 `torchrun`, a user's script) initialised, and a run without one is a plain single-process run.
-`start_from_environment` is the CLI's way of initialising one from torchrun's variables.
+`ranks_from_environment` is the CLI's way of initialising one from torchrun's variables, and
+`launch` its way of starting the ranks on one machine (``--nproc``).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import BlockCheckpoint, Resumed
+from .errors import CompquantError
 from .qlinear import QuantizedLinear
 from .quantizer import Grid
 from .report import LayerReport
@@ -47,17 +50,48 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def start_from_environment(device: torch.device, timeout_minutes: float = 30.0) -> Ranks:
-    """Initialise the default process group from torchrun's variables, with the backend for
-    ``device`` (a CUDA rank is given the GPU of its local rank), and return this process's `Ranks`.
-    For the CLI: library code only reads a group (`Ranks.current`)."""
+class NotCombinableError(CompquantError, TypeError):
+    """A statistic's accumulator cannot combine the states of several ranks."""
+
+
+class RankFailedError(CompquantError):
+    """A rank of a launched run failed; the launcher stopped the others."""
+
+
+@contextmanager
+def ranks_from_environment(device: torch.device, timeout_minutes: float = 30.0) -> Iterator[Ranks]:
+    """This process's `Ranks` for the duration. In a process started by torchrun, the default process
+    group is initialised from its variables with the backend for ``device`` (a CUDA rank takes the
+    GPU of its local rank) and destroyed afterwards; elsewhere it is a single process. For the
+    CLI: library code only reads a group (`Ranks.current`)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(local_device(device))
-        dist.init_process_group(backend_for(device), timeout=timedelta(minutes=timeout_minutes))
-    return Ranks.current()
+    if not launched() or dist.is_initialized():
+        yield Ranks.current()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(local_device(device))
+    dist.init_process_group(backend_for(device), timeout=timedelta(minutes=timeout_minutes))
+    try:
+        yield Ranks.current()
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, arguments: Sequence[str]) -> None:
+    """Run ``python ARGUMENTS`` (e.g. ``-m compquant quantize ...``) as ``nproc`` ranks on this
+    machine with torch's elastic launcher (what ``torchrun --standalone --nproc-per-node N`` does).
+    The ranks print their own errors; the first to fail is named in a `RankFailedError`."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), *arguments]))
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
+        raise RankFailedError(f"rank {rank} of {nproc} failed first ({how}; its error is above) and the other ranks "
+                              "were stopped; the output was not written") from None
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -133,7 +167,7 @@ class Ranks:
         refused = [statistics.accumulators[statistic] for statistic, tensors in means.items() if tensors is None]
         if refused:
             names = ", ".join(f"{type(a).__module__}.{type(a).__qualname__}" for a in refused)
-            raise TypeError(f"the accumulator {names} cannot be combined across ranks (its means() returns None: its "
+            raise NotCombinableError(f"the accumulator {names} cannot be combined across ranks (its means() returns None: its "
                             f"state is not a mean over its tokens); run on one process, or implement "
                             f"Accumulator.means for it")
         items = list(statistics.accumulators.items())

@@ -27,13 +27,12 @@ def codes_of_every_case(model_dir: str, calibration: torch.Tensor, cases: list[d
 
 
 def main(model_dir: str, calibration: str, cases: str, output: str) -> None:
-    from compquant.core.distributed import start_from_environment
+    from compquant.core.distributed import ranks_from_environment
 
-    ranks = start_from_environment(torch.device("cpu"))
-    results = codes_of_every_case(model_dir, torch.load(calibration), json.loads(cases))
+    with ranks_from_environment(torch.device("cpu")) as ranks:
+        results = codes_of_every_case(model_dir, torch.load(calibration), json.loads(cases))
     if ranks.main:
         torch.save(results, output)
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compquant.core.distributed import Ranks
+from compquant.core.distributed import NotCombinableError, Ranks
 from compquant.core.statistics import Accumulator, Statistic, StatisticsAccumulator
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -87,7 +87,7 @@ class CountingStatistic(Statistic):
 def test_an_accumulator_that_cannot_be_combined_stops_a_run_on_several_ranks_by_name():
     statistics = StatisticsAccumulator(4, frozenset({Statistic.HESSIAN, CountingStatistic("count")}))
     statistics.add(torch.ones(3, 4))
-    with pytest.raises(TypeError, match="test_distributed.Counting cannot be combined across ranks"):
+    with pytest.raises(NotCombinableError, match="test_distributed.Counting cannot be combined across ranks"):
         Ranks(1, 2).combine(statistics)  # refused before any collective: no process group is needed
     Ranks().combine(statistics)  # one process: nothing to combine
     assert statistics.result().tokens == 3
