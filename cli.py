@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             again = ("run the same command again (finished blocks are kept and resumed)"
                      if getattr(args, "resume_dir", None) else "run the same command again")
-            _error(f"{where}{error.strerror} while writing {error.filename or 'a file'}; free space or fix the permissions, "
-                   f"then {again}")
+            _error(f"{where}{error.strerror} while writing {error.filename or 'a file'}; free space or fix the "
+                   f"permissions, then {again}")
     return 2
 
 

@@ -167,9 +167,9 @@ class Ranks:
         refused = [statistics.accumulators[statistic] for statistic, tensors in means.items() if tensors is None]
         if refused:
             names = ", ".join(f"{type(a).__module__}.{type(a).__qualname__}" for a in refused)
-            raise NotCombinableError(f"the accumulator {names} cannot be combined across ranks (its means() returns None: its "
-                            f"state is not a mean over its tokens); run on one process, or implement "
-                            f"Accumulator.means for it")
+            raise NotCombinableError(f"the accumulator {names} cannot be combined across ranks (its means() returns "
+                                     "None: its state is not a mean over its tokens); run on one process, or "
+                                     "implement Accumulator.means for it")
         items = list(statistics.accumulators.items())
         local = [accumulator.tokens for _, accumulator in items] + [statistics.tokens]
         counts = torch.tensor(local, dtype=torch.int64, device=self._collective_device())
@@ -222,7 +222,9 @@ class Ranks:
         """Where the backend wants the tensors of a collective: NCCL's on this rank's GPU."""
         import torch.distributed as dist
 
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 class SharedCheckpoint:
