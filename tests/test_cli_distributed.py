@@ -1,10 +1,15 @@
 """``compquant quantize --nproc N`` and under torchrun: checked before the model loads, and the same
 model as one process."""
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import compquant
 from compquant.cli import main
+from compquant.core.checkpoint import finished_blocks
+from compquant.core.plugin_manager import default_plugin_manager
 
 
 def quantize_args(model_dir, data_dir, output, *extra):
@@ -35,6 +40,7 @@ def test_nproc_under_torchrun_is_refused(model_dir, data_dir, tmp_path, capsys, 
     assert "rank 0 of 2: --nproc launches the ranks itself; under torchrun leave it out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nproc_2_saves_the_model_of_one_process(model_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(quantize_args(model_dir, data_dir, tmp_path / "one")) == 0
@@ -43,3 +49,41 @@ def test_nproc_2_saves_the_model_of_one_process(model_dir, data_dir, tmp_path, m
     assert one.keys() == two.keys() and any(key.endswith("weight_packed") for key in one)
     assert all(torch.equal(one[key], two[key]) for key in one)
     assert not list(tmp_path.glob(".*compquant-resume"))  # rank 0 removed the checkpoint once the output was saved
+
+
+class StopAfterTheFirstBlock:
+    @compquant.hookimpl
+    def compquant_after_block(self, index, block, report):
+        if index == 0:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_one_process_resumes_on_two_ranks_with_the_same_result(model_dir, data_dir, tmp_path,
+                                                                                monkeypatch, capfd):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(quantize_args(model_dir, data_dir, tmp_path / "one")) == 0
+    stopper = StopAfterTheFirstBlock()
+    default_plugin_manager().register(stopper)
+    try:
+        assert main(quantize_args(model_dir, data_dir, tmp_path / "two")) == 130
+    finally:
+        default_plugin_manager().unregister(stopper)
+    assert finished_blocks(tmp_path / ".two.compquant-resume") == 1
+    capfd.readouterr()
+    resumed = [item for item in quantize_args(model_dir, data_dir, tmp_path / "two", "--nproc", "2") if item != "-q"]
+    assert main(resumed) == 0
+    assert "1 finished blocks of model.layers reloaded" in capfd.readouterr().err  # by rank 0, as the others did
+    one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)
+
+
+@pytest.mark.slow
+def test_a_failed_rank_stops_the_run_with_an_error_naming_it(model_dir, data_dir, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (model_dir / "model.safetensors").write_bytes(b"garbage")  # read by the ranks, after the launch
+    assert main(quantize_args(model_dir, data_dir, tmp_path / "out", "--nproc", "2")) == 2
+    err = capfd.readouterr().err
+    assert re.search(r"error: rank [01] of 2: .*model.safetensors is truncated or corrupt", err)
+    assert re.search(r"error: rank [01] of 2 failed first \(exit code 2; its error is above\)", err)
+    assert not (tmp_path / "out").exists()
