@@ -408,9 +408,6 @@ def _check_ranks(args: argparse.Namespace, config: QuantConfig, calibrated: bool
     world = args.nproc or (int(os.environ["WORLD_SIZE"]) if launched() else 1)
     if world == 1:
         return
-    if args.low_memory:
-        raise ValueError(f"--low-memory runs on one process, not on {world} ranks; drop --low-memory (every rank then "
-                         "holds the model) or run on one process")
     if calibrated:  # every rank needs a batch of its own
         Ranks(0, world).share(range(-(-config.calibration.nsamples // config.calibration.batch_size)))
 
@@ -446,7 +443,8 @@ def _quantize_locked(args: argparse.Namespace, config: QuantConfig, source: Path
         report = quantize_low_memory(loaded.model, loaded.weights, config, output, tokenizer=loaded.tokenizer,
                                      format=args.format, dtype=dtype, max_shard_size=args.max_shard_size,
                                      overwrite=args.overwrite)
-        _print_saved(config, output, report, "block by block")
+        if ranks.main:
+            _print_saved(config, output, report, "block by block")
         return 0
     needed = needed_bytes(loaded.model, dtype, resume=args.resume_dir is not None)
     check_output(output, source, overwrite=args.overwrite,

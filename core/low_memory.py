@@ -7,8 +7,8 @@ first block's inputs, and every other tensor outside the blocks is copied from t
 to the output one at a time. Peak memory is about one block, its solve, and the calibration
 activations of one block's input, whatever the depth of the model.
 
-Transforms (which rewrite every block together), resuming and several ranks are not available in
-this mode.
+Transforms (which rewrite every block together) and resuming are not available in this mode. On
+several ranks every rank reads each block from the shards itself, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def quantize_low_memory(
     """Quantize the skeleton ``model`` whose tensors lie in ``weights`` with ``calibration`` and
     write it to ``output`` in ``format``, block by block (see the module docstring); ``tokenizer``
     is saved beside it. Returns the report."""
-    if Ranks.current().world > 1:
-        raise ValueError(f"low-memory mode runs on one process, not on the {Ranks.current().world} ranks of this "
-                         "torch.distributed run; drop --low-memory, or run it without torchrun/--nproc")
     if config.transforms:
         raise ValueError(f"transforms {config.transforms} rewrite every block at once, which low-memory mode cannot "
                          "do; drop --low-memory (the model must then fit in memory) or the transforms")
+    if not Ranks.current().main:  # every rank reads its blocks from the shards; rank 0 alone writes them
+        store = StreamedBlocks(weights, resolve_device(config.device), next(model.parameters()).dtype,
+                               lambda prefix, block, records: None)
+        return quantize(model, config, calibration=calibration, plugin_manager=plugin_manager, block_store=store)
     output = check_output(output, weights.folder, overwrite=overwrite,
                           needed_bytes=int(sum(f.stat().st_size for f in set(weights.files.values())) * 1.1))
     check_input_weights(((name, weights.get(name)) for name in weights.names()), str(weights.folder))
