@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -36,6 +35,9 @@ from .statistics import LayerStatistics, StatisticsAccumulator
 
 T = TypeVar("T")
 
+#: How long a rank waits in a collective for the others: long enough for rank 0 to write a big
+#: block's checkpoint while the others wait for it at the next group (NCCL's default is 10 minutes).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 #: Variables torchrun (and torch.distributed.run) sets in every rank it starts.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -59,7 +61,7 @@ class RankFailedError(CompquantError):
 
 
 @contextmanager
-def ranks_from_environment(device: torch.device, timeout_minutes: float = 30.0) -> Iterator[Ranks]:
+def ranks_from_environment(device: torch.device) -> Iterator[Ranks]:
     """This process's `Ranks` for the duration. In a process started by torchrun, the default process
     group is initialised from its variables with the backend for ``device`` (a CUDA rank takes the
     GPU of its local rank) and destroyed afterwards; elsewhere it is a single process. For the
@@ -71,7 +73,7 @@ def ranks_from_environment(device: torch.device, timeout_minutes: float = 30.0) 
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_device(device))
-    dist.init_process_group(backend_for(device), timeout=timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend_for(device), timeout=COLLECTIVE_TIMEOUT)
     try:
         yield Ranks.current()
     finally:
@@ -130,9 +132,6 @@ class Ranks:
     def main(self) -> bool:
         """Whether this is rank 0, the one that writes."""
         return self.rank == 0
-
-    def __str__(self) -> str:
-        return f"rank {self.rank} of {self.world}"
 
     def share(self, items: Sequence[T], what: str = "calibration batches") -> list[T]:
         """This rank's contiguous share of ``items`` (in order, so the ranks' shares laid end to end
@@ -195,7 +194,7 @@ class Ranks:
 
     def _gather_rows(self, part: Tensor, cuts: list[int]) -> Tensor:
         """Every rank's ``part`` (rows ``cuts[r]:cuts[r + 1]`` of one matrix), stacked in rank order.
-        The rows travel as bytes: gloo reduces no int16 (the codes), and a copy of bytes is exact."""
+        The rows travel as bytes: gloo gathers no int16 (the codes), and a copy of bytes is exact."""
         import torch.distributed as dist
 
         largest = max(b - a for a, b in zip(cuts, cuts[1:]))
@@ -234,10 +233,6 @@ class SharedCheckpoint:
 
     def __init__(self, checkpoint: BlockCheckpoint, ranks: Ranks) -> None:
         self.checkpoint, self.ranks = checkpoint, ranks
-
-    @property
-    def folder(self) -> Path:
-        return self.checkpoint.folder
 
     def blocks_done(self) -> int:
         return self.checkpoint.blocks_done()
