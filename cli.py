@@ -389,10 +389,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     _check_ranks(args, config, needs_calibration(config, registry))
     source = resolve_model_path(config.model)
     output = check_output(config.output, source, overwrite=args.overwrite)
-    if args.nproc is not None and args.nproc > 1:
+    args.resume_dir = None if args.no_resume or args.low_memory else output.parent / f".{output.name}.compquant-resume"
+    if args.nproc is not None and args.nproc > 1:  # the ranks run this command without --nproc; rank 0 keeps resume_dir
         launch(args.nproc, ["-m", "compquant", *_without_nproc(args.argv)])
         return 0
-    args.resume_dir = None if args.no_resume or args.low_memory else output.parent / f".{output.name}.compquant-resume"
     with ranks_from_environment(resolve_device(config.device)) as ranks:
         # one run per output (and its resume folder), for the whole run; rank 0 writes for all
         with exclusive(output) if ranks.main else nullcontext():
@@ -406,9 +406,7 @@ def _check_ranks(args: argparse.Namespace, config: QuantConfig, calibrated: bool
     if args.nproc is not None and launched():
         raise ValueError("--nproc launches the ranks itself; under torchrun leave it out")
     world = args.nproc or (int(os.environ["WORLD_SIZE"]) if launched() else 1)
-    if world == 1:
-        return
-    if calibrated:  # every rank needs a batch of its own
+    if world > 1 and calibrated:  # every rank needs a batch of its own
         Ranks(0, world).share(range(-(-config.calibration.nsamples // config.calibration.batch_size)))
 
 
