@@ -16,15 +16,18 @@ import shutil
 import signal
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 from pydantic import ValidationError
 
 from .core.config import QuantConfig, read_config_file
 from .core.errors import CompquantError
+
+if TYPE_CHECKING:
+    from .core.distributed import Ranks
 
 log = logging.getLogger("compquant")
 
@@ -53,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    args.argv = argv
+    where = _rank_prefix()
+    if where and os.environ.get("RANK") != "0":  # one rank reports progress and results; the others their errors
+        log.setLevel(logging.WARNING)
+        os.environ["COMPQUANT_NO_PROGRESS"] = "1"
     with _signals_raise(), _foreign_progress_bars_off_a_terminal():
         try:
             return args.run(args)
@@ -63,22 +71,42 @@ def main(argv: list[str] | None = None) -> int:
         except ValidationError as error:
             from .core.options import describe_validation_error
 
-            _error(describe_validation_error(error, "invalid configuration", QuantConfig))
+            _error(where + describe_validation_error(error, "invalid configuration", QuantConfig))
         except (CompquantError, ValueError, FileNotFoundError, ArithmeticError) as error:
-            _error(str(error))
+            _error(where + str(error))
+        except RuntimeError as error:
+            if not where or not _lost_a_rank(error):
+                raise
+            _error(f"{where}lost contact with another rank, which stopped (its error is above): {error}")
         except OSError as error:
             if error.errno not in DISK_ERRORS:
                 raise
             again = ("run the same command again (finished blocks are kept and resumed)"
                      if getattr(args, "resume_dir", None) else "run the same command again")
-            _error(f"{error.strerror} while writing {error.filename or 'a file'}; free space or fix the permissions, "
-                   f"then {again}")
+            _error(f"{where}{error.strerror} while writing {error.filename or 'a file'}; free space or fix the "
+                   f"permissions, then {again}")
     return 2
 
 
 def _error(message: str) -> None:
     """One ``error:`` line, however many lines the message had."""
     print("error: " + "; ".join(line.strip() for line in str(message).splitlines() if line.strip()), file=sys.stderr)
+
+
+def _rank_prefix() -> str:
+    """``rank 1 of 2: `` in a rank of a run on several (started by torchrun or --nproc), else nothing."""
+    from .core.distributed import launched
+
+    if not launched() or os.environ["WORLD_SIZE"] == "1":
+        return ""
+    return f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: "
+
+
+def _lost_a_rank(error: RuntimeError) -> bool:
+    """Whether ``error`` is torch.distributed's: a collective whose other ranks are gone."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError)
 
 
 def _stopped_message(args: argparse.Namespace, argv: list[str], name: str) -> str:
@@ -178,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing compquant output folder")
     quantize.add_argument("--no-resume", action="store_true",
                           help="keep no per-block checkpoint (by default a killed run resumes when run again)")
+    quantize.add_argument("--nproc", type=positive_int,
+                          help="run on N ranks on this machine, launched with torch.distributed.run (the same as "
+                               "`torchrun --nproc-per-node N -m compquant quantize ...`)")
     quantize.add_argument("--low-memory", action="store_true",
                           help="read, quantize and write one block at a time (a local safetensors folder; no "
                                "transforms, no resume)")
@@ -342,6 +373,7 @@ def transform_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 # -------------------------------------------------------------------------------------- commands
 def _run_quantize(args: argparse.Namespace) -> int:
+    from .core.distributed import launch, ranks_from_environment
     from .core.exporters import check_format, shard_size_bytes
     from .core.lock import exclusive
     from .core.pipeline import check_plugins, needs_calibration, resolve_device
@@ -363,15 +395,48 @@ def _run_quantize(args: argparse.Namespace) -> int:
     resolve_device(config.device)
     if needs_calibration(config, registry):
         check_dataset(config.calibration.dataset, "calibration", config.data_dir)
+    _check_ranks(args, config, needs_calibration(config, registry))
     source = resolve_model_path(config.model)
     output = check_output(config.output, source, overwrite=args.overwrite)
     args.resume_dir = None if args.no_resume or args.low_memory else output.parent / f".{output.name}.compquant-resume"
-    with exclusive(output):  # one run per output (and its resume folder), for the whole run
-        return _quantize_locked(args, config, source, output, registry)
+    if args.nproc is not None and args.nproc > 1:  # the ranks run this command without --nproc; rank 0 keeps resume_dir
+        launch(args.nproc, ["-m", "compquant", *_without_nproc(args.argv)])
+        return 0
+    with ranks_from_environment(resolve_device(config.device)) as ranks:
+        # one run per output (and its resume folder), for the whole run; rank 0 writes for all
+        with exclusive(output) if ranks.main else nullcontext():
+            return _quantize_locked(args, config, source, output, registry, ranks)
+
+
+def _check_ranks(args: argparse.Namespace, config: QuantConfig, calibrated: bool) -> None:
+    """Refuse a run on several ranks that cannot work, before the model loads."""
+    from .core.distributed import Ranks, launched
+    from .core.pipeline import check_single_process_learner
+
+    if args.nproc is not None and launched():
+        raise ValueError("--nproc launches the ranks itself; under torchrun leave it out")
+    world = args.nproc or (int(os.environ["WORLD_SIZE"]) if launched() else 1)
+    if world > 1 and config.learner is not None:
+        check_single_process_learner(config.learner, world)
+    if world > 1 and calibrated:  # every rank needs a batch of its own
+        Ranks(0, world).share(range(-(-config.calibration.nsamples // config.calibration.batch_size)))
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line without its ``--nproc N`` (what each launched rank runs)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
 
 
 def _quantize_locked(args: argparse.Namespace, config: QuantConfig, source: Path | None, output: Path,
-                     registry: Any) -> int:
+                     registry: Any, ranks: Ranks) -> int:
     import torch
 
     from .api import quantize, quantize_low_memory
@@ -388,12 +453,15 @@ def _quantize_locked(args: argparse.Namespace, config: QuantConfig, source: Path
         report = quantize_low_memory(loaded.model, loaded.weights, config, output, tokenizer=loaded.tokenizer,
                                      format=args.format, dtype=dtype, max_shard_size=args.max_shard_size,
                                      overwrite=args.overwrite)
-        _print_saved(config, output, report, "block by block")
+        if ranks.main:
+            _print_saved(config, output, report, "block by block")
         return 0
     needed = needed_bytes(loaded.model, dtype, resume=args.resume_dir is not None)
     check_output(output, source, overwrite=args.overwrite,
                  needed_bytes=needed - (checkpoint_bytes(args.resume_dir) if args.resume_dir else 0))
     report = quantize(loaded.model, config, tokenizer=loaded.tokenizer, resume_dir=args.resume_dir)
+    if not ranks.main:
+        return 0
     save_quantized(loaded.model, loaded.tokenizer, output, config=config, report=report, source=source,
                    format=args.format, overwrite=args.overwrite, dtype=dtype, max_shard_size=args.max_shard_size)
     if args.resume_dir is not None:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .adapter import ArchitectureAdapter, hidden_states, run_block
 from .block_store import ResidentBlocks, StreamedBlocks
 from .checkpoint import BlockCheckpoint
+from .distributed import Ranks, SharedCheckpoint
 from .errors import NonFiniteError
 from .finite import describe, non_finite
 from .learner import BlockLearning
@@ -112,6 +113,8 @@ class CalibrationPlan:
         if (self.routed_fallback == ALL_TOKENS) != (self.fallback_solver is None):
             raise ValueError(f"routed_fallback {self.routed_fallback!r} needs fallback_solver to be that solver "
                              f"(None only for {ALL_TOKENS!r})")
+    ranks: Ranks = Ranks()
+    """The processes the run is spread over (`compquant.core.distributed`); one by default."""
 
     @property
     def wanted(self) -> frozenset[Statistic]:
@@ -143,7 +146,7 @@ def calibrate(
     plan: CalibrationPlan,
     batches: Sequence[Tensor] | None,
     hook: Any | None = None,
-    checkpoint: BlockCheckpoint | None = None,
+    checkpoint: BlockCheckpoint | SharedCheckpoint | None = None,
     store: ResidentBlocks | StreamedBlocks | None = None,
 ) -> QuantReport:
     """Quantize every linear the adapter names, in place, after the plan's learner (if any) trained
@@ -173,7 +176,7 @@ def calibrate(
         store.prepare_outside(model, blocks)
         if plan.uses_data:
             activations, block_kwargs = _catch_block_inputs(model, plan, batches)
-            report.calibration_tokens = sum(h.shape[:-1].numel() for h in activations.hidden)
+            report.calibration_tokens = plan.ranks.total(sum(h.shape[:-1].numel() for h in activations.hidden))
         store.release_outside(model, blocks)
         start = _resume(checkpoint, blocks, plan, report, activations) if checkpoint is not None else 0
         method = plan.solver_name if plan.learning is None else f"{plan.learning.name}+{plan.solver_name}"
@@ -297,7 +300,7 @@ class _Learned:
 
 
 def _resume(
-    checkpoint: BlockCheckpoint,
+    checkpoint: BlockCheckpoint | SharedCheckpoint,
     blocks: Sequence[nn.Module],
     plan: CalibrationPlan,
     report: QuantReport,
@@ -340,9 +343,13 @@ def _quantize_group(
         raise NonFiniteError(f"NaN or Inf in {describe(found)} before quantization (the solver's input); nothing was "
                              "written. The model was broken before this layer: check it in full precision (compquant eval)")
     learned = [r is not None for r in ranges]
-    if plan.solver.rows_independent and len(weights) > 1 and (all(learned) or not any(learned)):
-        grid = plan.grid.with_ranges(GroupRanges.stacked(ranges) if all(learned) else None)
+    stacked = None
+    if plan.solver.rows_independent and not any(learned) and (len(weights) > 1 or plan.ranks.world > 1):
+        stacked = plan.ranks.solve_rows(plan.solver, torch.cat(weights), stats, plan.grid, plan.options)
+    elif plan.solver.rows_independent and all(learned) and len(weights) > 1:  # learners run on one process
+        grid = plan.grid.with_ranges(GroupRanges.stacked(ranges))
         stacked = plan.solver.solve(torch.cat(weights), stats, grid, plan.options)
+    if stacked is not None:
         results = _split_rows(stacked, [weight.shape[0] for weight in weights])
     else:
         results = [plan.solver.solve(weight, stats, plan.grid.with_ranges(r), plan.options)
@@ -566,6 +573,7 @@ class _GroupStatistics:
         when the solver asked for no statistics."""
         if not self.plan.wanted:
             return None, None
+        self.plan.ranks.combine(self.accumulator)  # every rank's tokens: the same decision on every rank
         if not self.routed:
             return self._finished(self.accumulator), None
         needed = self.plan.routed_min_tokens or self.columns
@@ -574,6 +582,8 @@ class _GroupStatistics:
             return self._finished(self.accumulator), RoutedTokens(self.accumulator.tokens)
         for rows, fp_rows in held:  # in batch order, as if accumulated while they came
             self._add_every_row(rows, fp_rows)
+        if self.every_row is not None:
+            self.plan.ranks.combine(self.every_row)
         routed = RoutedTokens(self.accumulator.tokens, self.plan.routed_fallback)
         log.warning("%s received %d routed calibration tokens, fewer than %d (calibration.expert_min_tokens, by default "
                     "the input width): quantized %s (calibration.expert_fallback: %s)", self.name, routed.routed, needed,

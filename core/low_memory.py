@@ -7,7 +7,8 @@ first block's inputs, and every other tensor outside the blocks is copied from t
 to the output one at a time. Peak memory is about one block, its solve, and the calibration
 activations of one block's input, whatever the depth of the model.
 
-Transforms (which rewrite every block together) and resuming are not available in this mode.
+Transforms (which rewrite every block together) and resuming are not available in this mode. On
+several ranks every rank reads each block from the shards itself, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from .block_store import SafetensorsWeights, StreamedBlocks
 from .config import QuantConfig
+from .distributed import Ranks
 from .finite import check_input_weights
 from .exporters import ExportError, Exporter, ExportJob, ShardWriter, choose_exporter, write_config
 from .pipeline import quantize, resolve_device
@@ -54,6 +56,10 @@ def quantize_low_memory(
     if config.transforms:
         raise ValueError(f"transforms {config.transforms} rewrite every block at once, which low-memory mode cannot "
                          "do; drop --low-memory (the model must then fit in memory) or the transforms")
+    if not Ranks.current().main:  # every rank reads its blocks from the shards; rank 0 alone writes them
+        store = StreamedBlocks(weights, resolve_device(config.device), next(model.parameters()).dtype,
+                               lambda prefix, block, records: None)
+        return quantize(model, config, calibration=calibration, plugin_manager=plugin_manager, block_store=store)
     output = check_output(output, weights.folder, overwrite=overwrite,
                           needed_bytes=int(sum(f.stat().st_size for f in set(weights.files.values())) * 1.1))
     check_input_weights(((name, weights.get(name)) for name in weights.names()), str(weights.folder))

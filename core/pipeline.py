@@ -16,6 +16,7 @@ from .calibration import CalibrationPlan, calibrate
 from .learner import BlockLearning
 from .block_store import StreamedBlocks
 from .checkpoint import BlockCheckpoint, run_fingerprint
+from .distributed import Ranks, SharedCheckpoint, local_device
 from .config import QuantConfig, check_device_name
 from .finite import check_input_weights
 from .function_check import FunctionCheck
@@ -120,13 +121,16 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
     adapter = registry.adapter_for(model, config.adapter)
     adapter.prepare(model)
     check_group_size(config.grid.group_size, [width for _, (_, width) in quantized_linears(model, adapter)])
+    ranks, device = Ranks.current(), resolve_device(config.device)
+    if config.learner is not None:
+        check_single_process_learner(config.learner, ranks.world)
     return CalibrationPlan(
         adapter=adapter,
         solver_name=config.solver,
         solver=solver,
         options=solver.options(config.solver_options),
         grid=config.grid.grid(),
-        device=resolve_device(config.device),
+        device=local_device(device) if ranks.world > 1 else device,
         stats_dtype=getattr(torch, config.stats_dtype),
         fp_inputs=config.calibration.fp_inputs,
         sequential=config.calibration.sequential,
@@ -135,7 +139,16 @@ def plan_for(model: nn.Module, config: QuantConfig, registry: PluginRegistry) ->
         routed_fallback=config.calibration.expert_fallback,
         fallback_solver=fallback_solver(config.calibration.expert_fallback, registry),
         learning=check_learner(config, registry),
+        ranks=ranks,
     )
+
+
+def check_single_process_learner(learner: str, world: int) -> None:
+    """Learners train on one process: each rank would learn from its own share of the batches and the
+    ranks' weights would part (their gradients are not reduced across ranks yet)."""
+    if world > 1:
+        raise ValueError(f"learner {learner!r} runs on one process only, not on {world} ranks (each rank would learn "
+                         "from its own batches and their weights would differ); run without torchrun or --nproc")
 
 
 def fallback_solver(name: str, registry: PluginRegistry) -> Solver | None:
@@ -214,6 +227,11 @@ def quantize(
     `compquant.core.checkpoint`); remove the folder once the result is saved. ``block_store``
     streams the blocks of a weightless skeleton from disk (low-memory mode, see
     `compquant.core.low_memory`). Returns the per-layer report, whose ``records`` the exporters read.
+
+    Called on every rank of an initialised `torch.distributed` process group (torchrun), with the
+    same model, config and calibration on each, it runs as one job over the ranks (see
+    `compquant.core.distributed`): each rank calibrates its share of the batches, and only rank 0
+    writes the resume checkpoint. Every rank returns the whole report.
     """
     pm = plugin_manager or default_plugin_manager()
     registry = registry_for(plugin_manager)
@@ -226,19 +244,22 @@ def quantize(
         )
     batches = _batches(calibration, config, model, plan.adapter) if calibration is not None else None
     check_input_weights(model.state_dict().items(), type(model).__name__)
-    with exclusive(resume_dir) if resume_dir is not None else nullcontext():
+    ranks = plan.ranks
+    with exclusive(resume_dir) if resume_dir is not None and ranks.main else nullcontext():
         checkpoint = None
         if resume_dir is not None:
             settings = config.model_dump(mode="json", exclude={"output", "data_dir", "model"})
             checkpoint = BlockCheckpoint(resume_dir, run_fingerprint(model, batches, settings))
             checkpoint.blocks_done()  # a checkpoint of another run fails here, before any work
+            if ranks.world > 1:
+                checkpoint = SharedCheckpoint(checkpoint, ranks)
         context = TransformContext(torch.cat(list(batches)) if batches else None, plan.grid, config.seed)
         apply_transforms(model, config.transforms, registry, plan.adapter, context, config.transform_options,
                          check=config.transform_check, tolerance=config.transform_tolerance)
         pm.hook.compquant_before_calibration(model=model, adapter=plan.adapter, config=config)
         try:
-            report = calibrate(model, plan, batches if plan.uses_data else None, hook=pm.hook, checkpoint=checkpoint,
-                               store=block_store)
+            report = calibrate(model, plan, ranks.share(batches) if plan.uses_data else None, hook=pm.hook,
+                               checkpoint=checkpoint, store=block_store)
         except ArithmeticError:  # NaN or Inf: the same inputs would meet them again, so resuming cannot help
             if checkpoint is not None:
                 checkpoint.discard()

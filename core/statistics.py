@@ -15,7 +15,7 @@ Accumulation is a running mean, so the sums never grow with the number of tokens
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -44,6 +44,13 @@ class Accumulator(ABC):
     @abstractmethod
     def result(self) -> Tensor:
         """The statistic over every token added."""
+
+    def means(self) -> Sequence[Tensor] | None:
+        """The state's tensors, when each is a mean over the ``tokens`` added: a run on several
+        ranks then combines the ranks' states in place into their token-weighted mean before the
+        solve (`compquant.core.distributed`). None (the default) says the state is something else;
+        such an accumulator runs on one process only."""
+        return None
 
 
 class Statistic(ABC):
@@ -102,6 +109,9 @@ class RunningSecondMoment(Accumulator):
 
     def result(self) -> Tensor:
         return self.value
+
+    def means(self) -> Sequence[Tensor]:
+        return (self.value,)
 
 
 Statistic.HESSIAN = SecondMoment("hessian", lambda x, fp: x, formula="H = XXᵀ")
