@@ -16,6 +16,7 @@ The library never starts a process group itself: `Ranks.current` reads the one t
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ def ranks_from_environment(device: torch.device) -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
+_LAUNCHER_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                          if hasattr(signal, name))
+
+
 def launch(nproc: int, arguments: Sequence[str]) -> None:
     """Run ``python ARGUMENTS`` (e.g. ``-m compquant quantize ...``) as ``nproc`` ranks on this
     machine with torch's elastic launcher (what ``torchrun --standalone --nproc-per-node N`` does).
@@ -87,6 +92,8 @@ def launch(nproc: int, arguments: Sequence[str]) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # the launcher installs signal handlers of its own and leaves them; the caller gets its own back
+    handlers = {number: signal.getsignal(number) for number in _LAUNCHER_SIGNALS}
     try:
         run(parse_args(["--standalone", "--nproc-per-node", str(nproc), *arguments]))
     except ChildFailedError as error:
@@ -94,6 +101,9 @@ def launch(nproc: int, arguments: Sequence[str]) -> None:
         how = f"exit code {failure.exitcode}" if failure.exitcode >= 0 else f"signal {-failure.exitcode}"
         raise RankFailedError(f"rank {rank} of {nproc} failed first ({how}; its error is above) and the other ranks "
                               "were stopped; the output was not written") from None
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -1,6 +1,7 @@
 """``compquant quantize --nproc N`` and under torchrun: checked before the model loads, and the same
 model as one process."""
 import re
+import signal
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def test_nproc_under_torchrun_is_refused(model_dir, data_dir, tmp_path, capsys, 
 def test_nproc_2_saves_the_model_of_one_process(model_dir, data_dir, tmp_path, monkeypatch, mode):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert main(quantize_args(model_dir, data_dir, tmp_path / "one", *mode)) == 0
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     assert main(quantize_args(model_dir, data_dir, tmp_path / "two", "--nproc", "2", *mode)) == 0
+    assert handlers == {number: signal.getsignal(number) for number in handlers}  # the launcher's are gone
     one, two = (saved_tensors(tmp_path / name) for name in ("one", "two"))
     assert one.keys() == two.keys() and any(key.endswith("weight_packed") for key in one)
     assert all(torch.equal(one[key], two[key]) for key in one)
