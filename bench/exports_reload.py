@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 import compquant
 from compquant.core.saving import write_text_atomic
@@ -56,8 +57,6 @@ def main() -> None:
                                      format=format)
             readers = {"compquant.load_model": lambda: compquant.load_model(str(folder)).model}
             if format in PLAIN_TRANSFORMERS:
-                from transformers import AutoModelForCausalLM
-
                 readers["transformers"] = lambda: AutoModelForCausalLM.from_pretrained(folder)
             for reader, load in readers.items():
                 rows[f"{format}, {reader}"] = score(load())

@@ -95,6 +95,7 @@ def compare(
         loaded = load_model(model)
     fp_model = loaded.model.to(device).eval()
     cal = config.calibration
+    runs = {solver: solver_run_config(config, solver) for solver in solvers}
     windows = calibration_windows(
         loaded.tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=cal.seqlen, seed=config.seed, data_dir=data_dir
     )
@@ -114,13 +115,13 @@ def compare(
         load_seconds=loading.seconds,
         torch_threads=torch.get_num_threads(),
         device=str(device),
-        solver_options={solver: dict(solver_run_config(config, solver).solver_options) for solver in solvers},
+        solver_options={solver: dict(run.solver_options) for solver, run in runs.items()},
     )
     result.rows.append(CompareRow("fp", fp_ppl.perplexity, 0.0, fp_run.seconds, fp_run.peak_rss_bytes / 2**20))
     for solver in solvers:
         quantized = copy.deepcopy(fp_model)
         with measure() as quant_run:
-            report = quantize(quantized, solver_run_config(config, solver), calibration=windows)
+            report = quantize(quantized, runs[solver], calibration=windows)
         with measure() as eval_run:
             ppl = evaluate(quantized)
         peak = max(quant_run.peak_rss_bytes, eval_run.peak_rss_bytes) / 2**20
