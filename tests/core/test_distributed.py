@@ -70,6 +70,36 @@ def test_two_ranks_give_the_codes_and_checkpoint_of_one_process_for_every_solver
     assert len(codes) == 7 and all(torch.equal(blocks[1][key], blocks[2][key]) for key in codes)
 
 
+MOE_CASES = [{**BASE, "solver": "gptq", "calibration": {**BASE["calibration"], "expert_min_tokens": 40}},
+             {**BASE, "solver": "gptaq", "calibration": {**BASE["calibration"], "sequential": "blocks",
+                                                        "expert_min_tokens": 40, "expert_fallback": "rtn"}}]
+
+
+def test_two_ranks_route_and_fall_back_like_one_process_on_a_mixture_of_experts(make_moe, token_batches, tmp_path):
+    """Each expert's statistics are those of the tokens routed to it on every rank, and whether it
+    has too few is decided on the combined count: an expert that falls back on one process falls
+    back on 2 ranks too (with neither fallback), and every code is the same."""
+    import compquant
+
+    make_moe("qwen3_moe", seed=0).save_pretrained(tmp_path / "model")
+    calibration = token_batches(5, 16, seed=0)
+    torch.save(calibration, tmp_path / "calibration.pt")
+    alone = compquant.quantize(make_moe("qwen3_moe", seed=0), compquant.QuantConfig(**MOE_CASES[0]),
+                               calibration=calibration)
+    fell_back = [layer.name for layer in alone.layers if layer.fallback]
+    assert fell_back and len(fell_back) < sum(layer.routed_tokens is not None for layer in alone.layers)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COMPQUANT_NO_PROGRESS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+               str(tmp_path / "model"), str(tmp_path / "calibration.pt"), json.dumps(MOE_CASES), str(tmp_path / "codes.pt")]
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    two = torch.load(tmp_path / "codes.pt")
+    one = runpy.run_path(str(WORKER))["codes_of_every_case"](str(tmp_path / "model"), calibration, MOE_CASES)
+    differ = [f"{case_name(case)}: {name}" for case, a, b in zip(MOE_CASES, two, one) for name in b
+              if not torch.equal(a[name], b[name])]
+    assert [a.keys() for a in two] == [b.keys() for b in one] and not differ, differ
+
+
 def test_batches_are_shared_in_contiguous_runs_that_differ_by_at_most_one():
     batches = list(range(7))
     shares = [Ranks(rank, 3).share(batches) for rank in range(3)]
