@@ -1,7 +1,8 @@
-"""What the benchmark scripts share: the solver configurations they compare, by label, and
-SmolLM2-135M cut to its first blocks with calibration windows."""
+"""What the benchmark scripts share: the solver configurations they compare, by label,
+SmolLM2-135M cut to its first blocks with calibration windows, and a clock on a method."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 SOLVERS: dict[str, tuple[str, dict]] = {
@@ -26,3 +27,80 @@ def smollm2_blocks(blocks: int, nsamples: int, seqlen: int, data_dir: str) -> tu
     windows = calibration_windows(loaded.tokenizer, "wikitext2", nsamples=nsamples, seqlen=seqlen, seed=0,
                                   data_dir=data_dir)
     return model, windows
+
+
+class ClockedMethod:
+    """While open, adds up the wall time spent in ``owner.name`` (a method, patched on its class or
+    module), calls nested inside one counted once; ``before``, if given, runs ahead of each call and
+    its time is added to ``waited`` instead (e.g. a barrier, to tell waiting for the other ranks
+    from the work itself)."""
+
+    def __init__(self, owner: Any, name: str, before=None) -> None:
+        self.owner, self.name, self.before = owner, name, before
+        self.seconds = self.waited = 0.0
+        self.calls = 0
+        self._depth = 0
+
+    def __enter__(self) -> ClockedMethod:
+        original = self._original = getattr(self.owner, self.name)
+
+        def clocked(*args, **kwargs):
+            if self._depth:
+                return original(*args, **kwargs)
+            if self.before is not None:
+                started = time.perf_counter()
+                self.before()
+                self.waited += time.perf_counter() - started
+            self._depth += 1
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+                self.calls += 1
+                self._depth -= 1
+
+        setattr(self.owner, self.name, clocked)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.owner, self.name, self._original)
+
+
+class PhaseClocks:
+    """While open, where a calibration run's wall time goes: block forwards, statistics accumulation,
+    the solver's solves, the statistics' reductions across ranks and the gathers of solved rows;
+    ``barrier`` (on several ranks), put in front of each collective, tells the time spent waiting
+    for the slowest rank (idle) from the collective itself. `phases` adds the rest as "other"."""
+
+    PHASES = ("forwards", "statistics", "reductions", "solves", "gathers", "idle", "other")
+
+    def __init__(self, solver_class: type, barrier=None) -> None:
+        from compquant.core import calibration, distributed
+        from compquant.core.paused_forward import PausedForward
+
+        self.clocks = {"forwards": [ClockedMethod(PausedForward, "advance"), ClockedMethod(calibration, "run_block")],
+                       "statistics": [ClockedMethod(calibration._GroupStatistics, "add")],
+                       "reductions": [ClockedMethod(distributed.Ranks, "combine", barrier),
+                                      ClockedMethod(distributed.Ranks, "total", barrier)],
+                       "solves": [ClockedMethod(solver_class, "solve")],
+                       "gathers": [ClockedMethod(distributed.Ranks, "_gather_rows", barrier)]}
+
+    def __enter__(self) -> PhaseClocks:
+        for clock in self._every():
+            clock.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for clock in self._every():
+            clock.__exit__()
+
+    def _every(self) -> list[ClockedMethod]:
+        return [clock for group in self.clocks.values() for clock in group]
+
+    def phases(self, wall_seconds: float) -> dict[str, float]:
+        """Seconds per phase of a run that took ``wall_seconds`` while the clocks were open."""
+        phases = {name: sum(clock.seconds for clock in group) for name, group in self.clocks.items()}
+        phases["idle"] = sum(clock.waited for clock in self._every())
+        phases["other"] = wall_seconds - sum(phases.values())
+        return phases

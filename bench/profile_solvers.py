@@ -30,7 +30,7 @@ import compquant
 from compquant.core.paused_forward import PausedForward
 from compquant.core.plugin_manager import registry_for
 from compquant.core.statistics import needs_fp_inputs
-from common import smollm2_blocks  # bench/common.py, beside this script
+from common import ClockedMethod, smollm2_blocks  # bench/common.py, beside this script
 
 # (category, function name, file suffix): cumulative times; the column loop is solve_columns minus
 # what it calls that is listed separately.
@@ -47,31 +47,6 @@ def cumulative(stats: pstats.Stats, name: str, suffix: str) -> float:
     return sum(row[3] for (file, _, function), row in stats.stats.items() if function == name and file.endswith(suffix))
 
 
-class ClockedAdvance:
-    """Adds up the wall time the calibration loop spends in `PausedForward.advance`, i.e. in the
-    paused forwards."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __enter__(self) -> ClockedAdvance:
-        advance = PausedForward.advance
-
-        def clocked(forward: PausedForward):
-            started = time.perf_counter()
-            try:
-                return advance(forward)
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        PausedForward.advance = clocked
-        self._advance = advance
-        return self
-
-    def __exit__(self, *exc) -> None:
-        PausedForward.advance = self._advance
-
-
 def profile(model: torch.nn.Module, windows: torch.Tensor, solver: str, sequential: str, args: argparse.Namespace,
             forward: float) -> dict:
     """One quantization of a copy of ``model`` under cProfile: its total, parts and floor."""
@@ -80,7 +55,7 @@ def profile(model: torch.nn.Module, windows: torch.Tensor, solver: str, sequenti
                                                 "sequential": sequential})
     quantized = copy.deepcopy(model)
     profiler = cProfile.Profile()
-    with ClockedAdvance() as paused:
+    with ClockedMethod(PausedForward, "advance") as paused:
         started = time.perf_counter()
         profiler.enable()
         compquant.quantize(quantized, config, calibration=windows)
