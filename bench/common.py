@@ -14,6 +14,34 @@ SOLVERS: dict[str, tuple[str, dict]] = {
 }
 
 
+#: The learned family by label (docs/learners.md): CQE+ is SDE with cross-layer learning.
+LEARNERS: dict[str, tuple[str, dict]] = {
+    "lwc": ("lwc", {}),
+    "lsi": ("lsi", {}),
+    "sde": ("sde", {}),
+    "cqe+": ("sde", {"lookahead": 1}),
+}
+
+
+def learner_of(spec: str) -> tuple[str, dict]:
+    """A learner label with options of its own after colons (``sde:band=4:lookahead=2``): the
+    learner's name and options (each value read as JSON where it parses, e.g. numbers)."""
+    import json
+
+    label, *settings = spec.split(":")
+    if label not in LEARNERS:
+        raise SystemExit(f"unknown learner {label!r}; use one of {sorted(LEARNERS)}")
+    name, options = LEARNERS[label]
+    options = dict(options)
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
+
+
 def smollm2_blocks(blocks: int, nsamples: int, seqlen: int, data_dir: str) -> tuple[Any, Any]:
     """SmolLM2-135M with only its first ``blocks`` blocks, and ``nsamples`` × ``seqlen`` WikiText-2
     validation windows (seed 0) to calibrate it on."""
