@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The learned family on SmolLM2-135M (docs/results.md, "Learners"): lwc, lsi, sde and CQE+ (sde with
 # cross-layer learning), each before RTN and before GPTQ, at W3 and W2 g128 asymmetric (W2 also
-# after QuaRot) on calibration seeds 0, 1, 2, then the band / look-ahead sweep on seed 0. Same
+# after QuaRot) on calibration seeds 0, 1, 2, then the band / look-ahead sweep on seed 0 before RTN at W3 (band 0 is lsi, band 1 sde, and with
+# look-ahead 1 CQE+: the rest of band 0, 1, 4 x look-ahead 0, 1, 2). Same
 # windows and evaluation as bench/solvers_smollm2.py's table (8 x 512 calibration tokens, 16 x 512
 # evaluation tokens), 2 epochs of 8 steps per block. Each line resumes where it stopped; the two
 # files can be filled side by side, one process per core.
@@ -13,5 +14,5 @@ python bench/solvers_smollm2.py "${common[@]}" --bits 3 --learners lwc,lsi,sde,c
 python bench/solvers_smollm2.py "${common[@]}" --bits 2 --transforms none,quarot --learners lwc,lsi,sde,cqe+ \
     --seeds 0,1,2 --out bench/results/learners_smollm2_w2.json
 python bench/solvers_smollm2.py "${common[@]}" --bits 3 --solvers rtn --seeds 0 \
-    --learners sde:band=0,sde:band=4,sde:lookahead=2,sde:band=0:lookahead=1,sde:band=4:lookahead=1 \
+    --learners sde:band=4,sde:lookahead=2,sde:band=0:lookahead=1,sde:band=0:lookahead=2,sde:band=4:lookahead=1,sde:band=4:lookahead=2 \
     --out bench/results/learners_smollm2_w3.json
