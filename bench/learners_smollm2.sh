@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The learned family on SmolLM2-135M (docs/results.md, "Learners"): lwc, lsi, sde and CQE+ (sde with
 # cross-layer learning), each before RTN and before GPTQ, at W3 and W2 g128 asymmetric (W2 also
-# after QuaRot) on calibration seeds 0, 1, 2, then the band / look-ahead sweep on seed 0 before RTN at W3 (band 0 is lsi, band 1 sde, and with
-# look-ahead 1 CQE+: the rest of band 0, 1, 4 x look-ahead 0, 1, 2). Same
-# windows and evaluation as bench/solvers_smollm2.py's table (8 x 512 calibration tokens, 16 x 512
-# evaluation tokens), 2 epochs of 8 steps per block. Each line resumes where it stopped; the two
-# files can be filled side by side, one process per core.
+# after QuaRot) on calibration seeds 0, 1, 2; then the band / look-ahead sweep on seed 0 before RTN
+# at W3 (band 0 is lsi, band 1 sde, and band 1 with look-ahead 1 CQE+: the last line adds the rest
+# of band 0, 1, 4 x look-ahead 0, 1, 2). Same windows and evaluation as bench/solvers_smollm2.py's
+# table (8 x 512 calibration tokens, 16 x 512 evaluation tokens); 2 epochs of 8 steps per block.
+# Each line resumes where it stopped; the two files can be filled side by side, one process per core.
 #     bash bench/learners_smollm2.sh
 set -eu
 common=(--data-dir ../shared/data --threads 1 --recipe-bits "" --solvers rtn,gptq --learner-epochs 2 --learner-batch 1)
