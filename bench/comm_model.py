@@ -142,6 +142,23 @@ def stops_scaling(rows: list[dict]) -> int:
     return rows[-1]["ranks"]
 
 
+def summary(result: dict) -> str:
+    """One line per shape and solver: the traffic per block and rank at 8 ranks, the predicted time
+    on one rank, the speedups, and the speedup at the most ranks with each change."""
+    lines = ["shape        solver  reduce/gather GB at 8  1 rank s   8 ranks  16 ranks  most ranks  comm %  "
+             "bf16 red.  shared fact.  both"]
+    for name, model in result["models"].items():
+        for solver, curves in model["solvers"].items():
+            rows = {row["ranks"]: row for row in curves["as built"]}
+            eight, last = rows.get(8, rows[max(rows)]), curves["as built"][-1]
+            lines.append(f"{name:<12} {solver:<6} {eight['reduced MB sent'] / 1e3:>9.2f} / {eight['gathered MB received'] / 1e3:<8.2f}"
+                         f" {rows[min(rows)]['model seconds']:>9.0f} {eight['speedup']:>8.2f}x"
+                         f" {rows.get(16, last)['speedup']:>8.2f}x {last['speedup']:>10.2f}x {100 * last['communication share']:>6.0f}"
+                         + "".join(f" {curves[change][-1]['speedup']:>10.1f}x" for change in ("bf16 reductions",
+                                                                                      "shared factorization", "both")))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--machine", default="h200", choices=sorted(MACHINES))
@@ -173,6 +190,7 @@ def main() -> None:
             for change, rows in curves.items():
                 print(f"  {change:<21} speedup at {ranks[-1]} ranks {rows[-1]['speedup']:5.1f}x; "
                       f"doubling gains < 10 % beyond {stops_scaling(rows)} ranks")
+    print("\n" + summary(result))
     if args.out:
         from compquant.core.saving import write_text_atomic
 
