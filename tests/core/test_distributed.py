@@ -40,23 +40,33 @@ def case_name(case: dict) -> str:
     return f"{case['solver']}({options}) {case['calibration']}"
 
 
+def codes_on_two_ranks_and_one(folder: Path, calibration: torch.Tensor, cases: list[dict]) -> tuple[list, list]:
+    """Every case's codes of the model saved in ``folder/model``: from one torchrun of 2 gloo ranks,
+    and from this process alone."""
+    torch.save(calibration, folder / "calibration.pt")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COMPQUANT_NO_PROGRESS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+               str(folder / "model"), str(folder / "calibration.pt"), json.dumps(cases), str(folder / "codes.pt")]
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    one = runpy.run_path(str(WORKER))["codes_of_every_case"](str(folder / "model"), calibration, cases)
+    return torch.load(folder / "codes.pt"), one
+
+
+def differing(cases: list[dict], two: list[dict], one: list[dict]) -> list[str]:
+    """The linears, case by case, whose codes differ between the two runs."""
+    return [f"{case_name(case)}: {name}" for case, a, b in zip(cases, two, one) for name in b
+            if not torch.equal(a[name], b[name])]
+
+
 def test_two_ranks_give_the_codes_and_checkpoint_of_one_process_for_every_solver_and_loop(make_llama, token_batches,
                                                                                           tmp_path):
     """One torchrun of 2 gloo ranks runs every case; this process runs them again alone. 5 windows in
     batches of 2 are 3 batches, shared 2 + 1, so the token weighting of the combined statistics counts."""
     make_llama(seed=0).save_pretrained(tmp_path / "model")
     cases = with_checkpoint(tmp_path)
-    calibration = token_batches(5, 16, seed=0)
-    torch.save(calibration, tmp_path / "calibration.pt")
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COMPQUANT_NO_PROGRESS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-               str(tmp_path / "model"), str(tmp_path / "calibration.pt"), json.dumps(cases), str(tmp_path / "codes.pt")]
-    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-4000:]
-    two = torch.load(tmp_path / "codes.pt")
-    one = runpy.run_path(str(WORKER))["codes_of_every_case"](str(tmp_path / "model"), calibration, cases)
-    differ = [f"{case_name(case)}: {name}" for case, a, b in zip(cases, two, one) for name in b
-              if not torch.equal(a[name], b[name])]
+    two, one = codes_on_two_ranks_and_one(tmp_path, token_batches(5, 16, seed=0), cases)
+    differ = differing(cases, two, one)
     assert all(len(codes) == 14 for codes in one) and [a.keys() for a in two] == [b.keys() for b in one]
     assert not differ, differ
     # rank 0 writes the checkpoint one process would: the streams gathered in batch order
@@ -83,20 +93,12 @@ def test_two_ranks_route_and_fall_back_like_one_process_on_a_mixture_of_experts(
 
     make_moe("qwen3_moe", seed=0).save_pretrained(tmp_path / "model")
     calibration = token_batches(5, 16, seed=0)
-    torch.save(calibration, tmp_path / "calibration.pt")
     alone = compquant.quantize(make_moe("qwen3_moe", seed=0), compquant.QuantConfig(**MOE_CASES[0]),
                                calibration=calibration)
     fell_back = [layer.name for layer in alone.layers if layer.fallback]
     assert fell_back and len(fell_back) < sum(layer.routed_tokens is not None for layer in alone.layers)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "COMPQUANT_NO_PROGRESS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-               str(tmp_path / "model"), str(tmp_path / "calibration.pt"), json.dumps(MOE_CASES), str(tmp_path / "codes.pt")]
-    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-4000:]
-    two = torch.load(tmp_path / "codes.pt")
-    one = runpy.run_path(str(WORKER))["codes_of_every_case"](str(tmp_path / "model"), calibration, MOE_CASES)
-    differ = [f"{case_name(case)}: {name}" for case, a, b in zip(MOE_CASES, two, one) for name in b
-              if not torch.equal(a[name], b[name])]
+    two, one = codes_on_two_ranks_and_one(tmp_path, calibration, MOE_CASES)
+    differ = differing(MOE_CASES, two, one)
     assert [a.keys() for a in two] == [b.keys() for b in one] and not differ, differ
 
 
