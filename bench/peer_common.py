@@ -1,7 +1,7 @@
 """What every peer tool's side of a side-by-side benchmark shares (`peer_llmcompressor.py`,
-`peer_gptqmodel.py`): the command line, the start (threads, the output that must not exist, the
-calibration ids) and the result file. The standard library and torch only: each peer imports it
-from its own environment."""
+`peer_gptqmodel.py`, `peer_autoround.py`): the command line, the start (threads, the output that
+must not exist, the calibration ids) and the result file. The standard library and torch only:
+each peer imports it from its own environment."""
 from __future__ import annotations
 
 import argparse
@@ -13,14 +13,16 @@ from pathlib import Path
 from process_memory import rss_mib  # bench/process_memory.py, beside this script
 
 
-def peer_parser(doc: str) -> argparse.ArgumentParser:
-    """The options every peer takes: the same model folder, calibration ids and grid as compquant."""
+def peer_parser(doc: str, *, gptq: bool = True) -> argparse.ArgumentParser:
+    """The options every peer takes: the same model folder, calibration ids and grid as compquant
+    (and, for a GPTQ peer, ``--percdamp``)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="full-precision model folder (save_pretrained)")
     parser.add_argument("--calibration", required=True, help="torch.save'd (nsamples, seqlen) int64 token ids")
     parser.add_argument("--bits", type=int, required=True)
     parser.add_argument("--group-size", type=int, required=True)
-    parser.add_argument("--percdamp", type=float, required=True)
+    if gptq:
+        parser.add_argument("--percdamp", type=float, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--output", required=True, help="folder for the quantized model (must not exist)")
