@@ -2,7 +2,9 @@
 GPTAQ at W4 g128 on SmolLM2-135M (all 30 blocks), 128 x 512 calibration tokens of WikiText-2
 validation, float32 statistics. For each run: wall time, each rank's peak RSS and where its time
 went (block forwards, statistics, reductions, solves, row gathers, idle), the WikiText-2 test
-perplexity, and how many integer codes differ from the one-process run.
+perplexity, and how many integer codes differ from the one-process run; beside them, one process
+that sums the same tokens in calibration batches of 4 windows instead of 8 (`1x2-b4`), whose
+difference from the first run is float32 rounding alone, the yardstick for the ranks' difference.
 
     python bench/ranks_smollm2.py --data-dir ../shared/data --out bench/results/ranks_smollm2.json
 
@@ -27,7 +29,10 @@ import torch
 
 from common import PhaseClocks  # bench/common.py, beside this script
 
-LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}  # processes x threads
+# processes x threads, and windows per calibration batch: "1x2-b4" is one process summing the same
+# tokens in batches of 4 instead of 8, another order of the same float32 sums, to tell the size of
+# that noise from what the ranks change
+LAYOUTS = {"1x2": (1, 2, 8), "2x1": (2, 1, 8), "1x2-b4": (1, 2, 4)}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -48,7 +53,8 @@ def worker(args: argparse.Namespace) -> None:
     windows = calibration_windows(tokenizer, "wikitext2", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                   data_dir=args.data_dir)
     config = compquant.QuantConfig(solver=args.solver, grid={"bits": 4, "group_size": 128},
-                                   calibration={"nsamples": args.nsamples, "seqlen": args.seqlen})
+                                   calibration={"nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                "batch_size": args.batch_size})
     solver_class = type(registry_for(None).get("solver", args.solver))
     with ranks_from_environment(torch.device("cpu")) as ranks:
         barrier = dist.barrier if ranks.world > 1 else None
@@ -69,8 +75,9 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_layout(args: argparse.Namespace, solver: str, layout: str, scratch: Path) -> dict:
     """One run in fresh processes; its ranks' figures and the codes' path."""
-    processes, threads = LAYOUTS[layout]
+    processes, threads, batch_size = LAYOUTS[layout]
     script = [str(Path(__file__).resolve()), "--worker", "--solver", solver, "--threads", str(threads),
+              "--batch-size", str(batch_size),
               "--scratch", str(scratch), *(f"--{key.replace('_', '-')}={value}" for key, value in settings(args).items())]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
                 if processes > 1 else [sys.executable])
@@ -78,13 +85,33 @@ def run_layout(args: argparse.Namespace, solver: str, layout: str, scratch: Path
     subprocess.run([*launcher, *script], check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads),
                                                            "COMPQUANT_NO_PROGRESS": "1"})
     ranks = [json.loads((scratch / f"rank{rank}.json").read_text()) for rank in range(processes)]
-    return {"solver": solver, "layout": layout, "processes": processes, "threads": threads,
+    return {"solver": solver, "layout": layout, "processes": processes, "threads": threads, "batch_size": batch_size,
             "launch_seconds": time.perf_counter() - started, "ranks": ranks, "perplexity": ranks[0]["perplexity"]}
 
 
 def settings(args: argparse.Namespace) -> dict:
     """What determines the runs' results (a results file is extended only with equal settings)."""
     return {key: getattr(args, key) for key in ("data_dir", "nsamples", "seqlen", "eval_seqlen", "eval_limit")}
+
+
+def run_keeping_codes(args: argparse.Namespace, solver: str, layout: str, codes_dir: Path) -> dict:
+    """``run_layout`` in a scratch folder, its codes moved to ``codes_dir`` for the comparisons."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run = run_layout(args, solver, layout, Path(scratch))
+        (Path(scratch) / "codes.pt").replace(codes_dir / f"{solver}-{layout}.pt")
+    return run
+
+
+def recover_reference_codes(args: argparse.Namespace, solver: str, done: dict, codes_dir: Path) -> None:
+    """Run the one-process reference again for its codes alone, when a resumed table has its row but
+    the codes were lost (a temporary folder cleared). The recorded row keeps its timings; the rerun
+    must reproduce its perplexity exactly, or the codes would not be the ones that row describes."""
+    recorded = next(run for run in done["runs"] if run["solver"] == solver and run["layout"] == "1x2")
+    print(f"{solver}: the 1x2 codes are gone from {codes_dir}; running 1x2 again for them", flush=True)
+    rerun = run_keeping_codes(args, solver, "1x2", codes_dir)
+    if rerun["perplexity"] != recorded["perplexity"]:
+        raise SystemExit(f"{solver} 1x2 rerun gave perplexity {rerun['perplexity']} where the table has "
+                         f"{recorded['perplexity']}: not the same run; start a new --out")
 
 
 def differing_codes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -126,6 +153,7 @@ def main() -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--solver", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -143,9 +171,10 @@ def main() -> int:
         for layout in LAYOUTS:
             if any(run["solver"] == solver and run["layout"] == layout for run in done["runs"]):
                 continue
-            with tempfile.TemporaryDirectory() as scratch:
-                run = run_layout(args, solver, layout, Path(scratch))
-                (Path(scratch) / "codes.pt").replace(codes_dir / f"{solver}-{layout}.pt")
+            reference_codes = codes_dir / f"{solver}-1x2.pt"
+            if layout != "1x2" and not reference_codes.exists():
+                recover_reference_codes(args, solver, done, codes_dir)
+            run = run_keeping_codes(args, solver, layout, codes_dir)
             if layout != "1x2":
                 run["codes_changed"] = differing_codes(torch.load(codes_dir / f"{solver}-1x2.pt"),
                                                        torch.load(codes_dir / f"{solver}-{layout}.pt"))
