@@ -86,12 +86,22 @@ def run_layout(args: argparse.Namespace, solver: str, layout: str, scratch: Path
                                                            "COMPQUANT_NO_PROGRESS": "1"})
     ranks = [json.loads((scratch / f"rank{rank}.json").read_text()) for rank in range(processes)]
     return {"solver": solver, "layout": layout, "processes": processes, "threads": threads, "batch_size": batch_size,
+            "machine": machine(),
             "launch_seconds": time.perf_counter() - started, "ranks": ranks, "perplexity": ranks[0]["perplexity"]}
 
 
 def settings(args: argparse.Namespace) -> dict:
     """What determines the runs' results (a results file is extended only with equal settings)."""
     return {key: getattr(args, key) for key in ("data_dir", "nsamples", "seqlen", "eval_seqlen", "eval_limit")}
+
+
+def machine() -> dict:
+    """What float32 results depend on beyond the code: the CPU (its vector width picks the kernels)
+    and the torch build. The same command on another machine of this kind moved GPTQ's perplexity
+    from 38.76 to 39.33, as much as the ranks move it, so each run says where it ran."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "unknown")
+    return {"cpu": model, "avx512": " avx512f" in cpu, "torch": torch.__version__}
 
 
 def run_keeping_codes(args: argparse.Namespace, solver: str, layout: str, codes_dir: Path) -> dict:
