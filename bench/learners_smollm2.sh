@@ -7,14 +7,16 @@
 # table (8 x 512 calibration tokens, 16 x 512 evaluation tokens); 2 epochs of 8 steps per block.
 # lwc:epochs=0 is the control: the learners' starting clipping (sigmoid(4) = 0.982 of the range)
 # with no training, so that what training adds is told from what the initial clip does.
+# none is the solver alone, run in the same file so that every row of a table comes from one machine
+# (float32 GPTQ at W3 moved by 9 % between two machines of this kind).
 # Each line resumes where it stopped and writes a file of its own, so lines can run side by side, one
 # process per core (two lines on one file would overwrite each other's runs).
 #     bash bench/learners_smollm2.sh
 set -eu
 common=(--data-dir ../shared/data --threads 1 --recipe-bits "" --solvers rtn,gptq --learner-epochs 2 --learner-batch 1)
-python bench/solvers_smollm2.py "${common[@]}" --bits 3 --learners lwc:epochs=0,lwc,lsi,sde,cqe+ --seeds 0,1,2 \
+python bench/solvers_smollm2.py "${common[@]}" --bits 3 --learners none,lwc:epochs=0,lwc,lsi,sde,cqe+ --seeds 0,1,2 \
     --out bench/results/learners_smollm2_w3.json
-python bench/solvers_smollm2.py "${common[@]}" --bits 2 --transforms none,quarot --learners lwc:epochs=0,lwc,lsi,sde,cqe+ \
+python bench/solvers_smollm2.py "${common[@]}" --bits 2 --transforms none,quarot --learners none,lwc:epochs=0,lwc,lsi,sde,cqe+ \
     --seeds 0,1,2 --out bench/results/learners_smollm2_w2.json
 python bench/solvers_smollm2.py "${common[@]}" --bits 3 --solvers rtn --seeds 0 \
     --learners sde:band=4,sde:lookahead=2,sde:band=0:lookahead=1,sde:band=0:lookahead=2,sde:band=4:lookahead=1,sde:band=4:lookahead=2 \

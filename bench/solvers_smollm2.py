@@ -49,8 +49,10 @@ def runs(bits: list[int], seeds: list[int], recipe_bits: list[int], solvers: lis
                     for spec in learners:
                         for label in solvers:
                             solver, options = SOLVERS[label]
-                            name = f"asym W{b} g128 {spec}+{label}" + ("" if transform == "none" else f" +{transform}")
-                            yield name, solver, options, {"bits": b, "group_size": 128}, transform, spec, seed
+                            method = label if spec == "none" else f"{spec}+{label}"
+                            name = f"asym W{b} g128 {method}" + ("" if transform == "none" else f" +{transform}")
+                            yield (name, solver, options, {"bits": b, "group_size": 128}, transform,
+                                   None if spec == "none" else spec, seed)
         return
     for setting, bit_list in (("asym", bits), ("recipe", recipe_bits)):
         for b in bit_list:
@@ -90,7 +92,8 @@ def main() -> int:
     parser.add_argument("--solvers", default=",".join(SOLVERS), help=f"labels from {list(SOLVERS)}")
     parser.add_argument("--transforms", default="none", help="none, quarot, spinquant (comma-separated)")
     parser.add_argument("--learners", default="", help=f"labels from {list(LEARNERS)}, each optionally with "
-                        "options of its own (sde:band=4:lookahead=2); every one before every solver")
+                        "options of its own (sde:band=4:lookahead=2), or none (the solver alone, the "
+                        "baseline in the same file); every one before every solver")
     parser.add_argument("--learner-epochs", type=int, default=2)
     parser.add_argument("--learner-batch", type=int, default=1, help="windows per training step of a learner")
     parser.add_argument("--spinquant-steps", type=int, default=20)
@@ -130,7 +133,8 @@ def main() -> int:
     transforms = [name for name in args.transforms.split(",") if name]
     learners = [spec for spec in args.learners.split(",") if spec]
     for spec in learners:
-        learner_of(spec)  # an unknown label stops the table before any run
+        if spec != "none":
+            learner_of(spec)  # an unknown label stops the table before any run
     clock = TransformClock()
     plugin_manager = compquant.create_plugin_manager()
     plugin_manager.register(clock)
