@@ -4,7 +4,7 @@ windows of bench/solvers_smollm2.py's table (8 x 512 WikiText-2 validation token
 ids, handed over as a tensor) and scored by the same perplexity code on 16 x 512 test tokens.
 
 auto-round runs in a virtual environment of its own (`--peer-python`; built once with
-`python -m venv --system-site-packages` and `pip install auto-round`, which keeps the project's
+`python -m venv --system-site-packages` and `pip install auto-round==0.16.1`, which keeps the project's
 torch) through `bench/peer_autoround.py`, one process per run. By default it tunes each block for
 16 steps of one window, the work of compquant's learners in the learned table (2 epochs of 8
 one-window steps); `--iters 200` is auto-round's own default. Each finished run is written to the
