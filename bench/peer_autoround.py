@@ -21,15 +21,11 @@ second run faster than the first.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peer_common import peer_parser, start, write_result  # bench/peer_common.py, beside this script
+from peer_common import peer_parser, save_atomically, start, write_result  # bench/peer_common.py, beside this script
 from process_memory import rss_mib
 
 if TYPE_CHECKING:
@@ -77,15 +73,7 @@ def main() -> int:
         raise SystemExit(f"auto-round left {len(layers)} quantized layers with up to {levels} distinct values in a "
                          f"group of {args.group_size}, more than {2**args.bits}: its weights are not on the grid")
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
-        quantized_model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_atomically(output, quantized_model, tokenizer)
     write_result(args.result, "auto-round", VERSIONED, (started, loaded, quantized), rss_loaded, peak_after_quantize,
                  torch.get_num_threads(), iters=args.iters,
                  quantized_layers=len(layers), most_levels_per_group=levels)

@@ -1,12 +1,15 @@
 """What every peer tool's side of a side-by-side benchmark shares (`peer_llmcompressor.py`,
 `peer_gptqmodel.py`, `peer_autoround.py`): the command line, the start (threads, the output that
-must not exist, the calibration ids) and the result file. The standard library and torch only:
+must not exist, the calibration ids), the atomic save of the model and the result file. The standard library and torch only:
 each peer imports it from its own environment."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -68,3 +71,17 @@ def write_result(path: str, tool: str, versioned: tuple[str, ...], times: tuple[
     }
     Path(path).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def save_atomically(output: Path, model: object, tokenizer: object, **save_options: object) -> None:
+    """``save_pretrained`` of the model and tokenizer into a staging folder beside ``output``,
+    renamed into place only when both are complete, so a killed peer leaves no half-written model."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        model.save_pretrained(staging, **save_options)
+        tokenizer.save_pretrained(staging)
+        os.chmod(staging, 0o755)
+        os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -16,14 +16,10 @@ complete) and, last, ``--result``: quantization wall time, peak RSS and versions
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from peer_common import peer_parser, start, write_result  # bench/peer_common.py, beside this script
+from peer_common import peer_parser, save_atomically, start, write_result  # bench/peer_common.py, beside this script
 from process_memory import rss_mib
 
 VERSIONED = ("torch", "transformers", "llmcompressor", "compressed-tensors", "datasets", "accelerate")
@@ -94,15 +90,7 @@ def main() -> int:
     layers = sorted(name for name, module in model.named_modules()
                     if getattr(getattr(module, "quantization_scheme", None), "weights", None) is not None)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
-        model.save_pretrained(staging, save_compressed=not args.save_decompressed)
-        tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_atomically(output, model, tokenizer, save_compressed=not args.save_decompressed)
     write_result(args.result, "llmcompressor", VERSIONED, (started, loaded, quantized), rss_loaded, peak_after_quantize,
                  torch.get_num_threads(), quantized_layers=len(layers), saved_compressed=not args.save_decompressed)
     return 0
