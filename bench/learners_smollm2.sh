@@ -4,9 +4,9 @@
 # asymmetric (W2 also after QuaRot) on calibration seeds 0, 1, 2; then the band / look-ahead sweep
 # on seed 0 before RTN at W3 (band 0 is lsi, band 1 sde, band 1 with look-ahead 1 CQE+; the sweep
 # adds the rest of band 0, 1, 4 x look-ahead 0, 1, 2, and each learner at ten times its clipping
-# rate), band 4 again on seed 1; last, auto-round on the same windows (bench/vs_autoround.py, in its own venv). Same windows
-# and evaluation as bench/solvers_smollm2.py's table (8 x 512 calibration tokens, 16 x 512
-# evaluation tokens); 2 epochs of 8 steps per block.
+# rate), band 4 again on seed 1; last, auto-round on the same windows (bench/vs_autoround.py, in
+# its own venv). Same windows and evaluation as bench/solvers_smollm2.py's table (8 x 512
+# calibration tokens, 16 x 512 evaluation tokens); 2 epochs of 8 steps per block.
 # lwc:epochs=0 is the control: the learners' starting clipping (sigmoid(4) = 0.982 of the range)
 # with no training, so that what training adds is told from what the initial clip does.
 # none is the solver alone, run in the same file so that every row of a table comes from one machine
