@@ -4,9 +4,10 @@
 # asymmetric (W2 also after QuaRot) on calibration seeds 0, 1, 2; then the band / look-ahead sweep
 # on seed 0 before RTN at W3 (band 0 is lsi, band 1 sde, band 1 with look-ahead 1 CQE+; the sweep
 # adds the rest of band 0, 1, 4 x look-ahead 0, 1, 2, and each learner at ten times its clipping
-# rate, also at W2), band 4 again on seed 1; last, auto-round on the same windows (bench/vs_autoround.py, in
-# its own venv). Same windows and evaluation as bench/solvers_smollm2.py's table (8 x 512
-# calibration tokens, 16 x 512 evaluation tokens); 2 epochs of 8 steps per block.
+# rate, also at W2), band 4 and the ten-times rate again on seed 1; last, auto-round on the same
+# windows (bench/vs_autoround.py, in its own venv). Same windows and evaluation as
+# bench/solvers_smollm2.py's table (8 x 512 calibration tokens, 16 x 512 evaluation tokens); 2 epochs
+# of 8 steps per block.
 # lwc:epochs=0 is the control: the learners' starting clipping (sigmoid(4) = 0.982 of the range)
 # with no training, so that what training adds is told from what the initial clip does.
 # none is the solver alone, run in the same file so that every row of a table comes from one machine
@@ -26,6 +27,6 @@ python bench/solvers_smollm2.py "${common[@]}" --bits 2 --seeds 0 --learners non
 python bench/solvers_smollm2.py "${common[@]}" --bits 3 --solvers rtn --seeds 0 \
     --learners sde:band=4,sde:lookahead=2,sde:band=0:lookahead=1,sde:band=0:lookahead=2,sde:band=4:lookahead=1,sde:band=4:lookahead=2,lwc:lr=0.1,lsi:lr=0.1,sde:lr=0.1,cqe+:lr=0.1 \
     --out bench/results/learners_smollm2_sweep.json
-python bench/solvers_smollm2.py "${common[@]}" --bits 3 --solvers rtn --seeds 1 --learners sde:band=4,sde:band=4:lookahead=1 \
+python bench/solvers_smollm2.py "${common[@]}" --bits 3 --solvers rtn --seeds 1 --learners sde:band=4,sde:band=4:lookahead=1,lwc:lr=0.1,cqe+:lr=0.1 \
     --out bench/results/learners_smollm2_sweep.json
 python bench/vs_autoround.py --data-dir ../shared/data --bits 3,2 --seeds 0,1,2 --out bench/results/autoround_smollm2.json
