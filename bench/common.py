@@ -1,8 +1,12 @@
 """What the benchmark scripts share: the solver configurations they compare, by label,
-SmolLM2-135M cut to its first blocks with calibration windows, and a clock on a method."""
+SmolLM2-135M cut to its first blocks with calibration windows, a clock on a method, and the
+resumable results file."""
 from __future__ import annotations
 
+import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 SOLVERS: dict[str, tuple[str, dict]] = {
@@ -21,6 +25,16 @@ LEARNERS: dict[str, tuple[str, dict]] = {
     "sde": ("sde", {}),
     "cqe+": ("sde", {"lookahead": 1}),
 }
+
+
+def resumed_table(out: Path, settings: dict) -> dict:
+    """The results already in ``out`` (``{"settings", "runs"}``), or a new table with ``settings``;
+    a file written with other settings stops the script (exit 2) rather than mixing two tables."""
+    done = json.loads(out.read_text()) if out.exists() else {"settings": settings, "runs": []}
+    if done["settings"] != settings:
+        print(f"{out} was written with other settings {done['settings']}; use those or another --out", file=sys.stderr)
+        raise SystemExit(2)
+    return done
 
 
 def learner_of(spec: str) -> tuple[str, dict]:

@@ -1,7 +1,7 @@
 """What every peer tool's side of a side-by-side benchmark shares (`peer_llmcompressor.py`,
 `peer_gptqmodel.py`, `peer_autoround.py`): the command line, the start (threads, the output that
-must not exist, the calibration ids), the atomic save of the model and the result file. The standard library and torch only:
-each peer imports it from its own environment."""
+must not exist, the calibration ids), the atomic save of the model and the result file. The
+standard library and torch only: each peer imports it from its own environment."""
 from __future__ import annotations
 
 import argparse

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import PhaseClocks  # bench/common.py, beside this script
+from common import PhaseClocks, resumed_table  # bench/common.py, beside this script
 
 # processes x threads, and windows per calibration batch: "1x2-b4" is one process summing the same
 # tokens in batches of 4 instead of 8, another order of the same float32 sums, to tell the size of
@@ -172,10 +172,7 @@ def main() -> int:
     from compquant.core.saving import write_text_atomic
 
     out, codes_dir = Path(args.out), Path(args.codes_dir)
-    done = json.loads(out.read_text()) if out.exists() else {"settings": settings(args), "runs": []}
-    if done["settings"] != settings(args):
-        print(f"{out} was written with other settings {done['settings']}; use those or another --out", file=sys.stderr)
-        return 2
+    done = resumed_table(out, settings(args))
     codes_dir.mkdir(parents=True, exist_ok=True)
     for solver in args.solvers.split(","):
         for layout in LAYOUTS:
@@ -186,7 +183,7 @@ def main() -> int:
                 recover_reference_codes(args, solver, done, codes_dir)
             run = run_keeping_codes(args, solver, layout, codes_dir)
             if layout != "1x2":
-                run["codes_changed"] = differing_codes(torch.load(codes_dir / f"{solver}-1x2.pt"),
+                run["codes_changed"] = differing_codes(torch.load(reference_codes),
                                                        torch.load(codes_dir / f"{solver}-{layout}.pt"))
             done["runs"].append(run)
             write_text_atomic(out, json.dumps(done, indent=2))

@@ -49,10 +49,10 @@ def runs(bits: list[int], seeds: list[int], recipe_bits: list[int], solvers: lis
                     for spec in learners:
                         for label in solvers:
                             solver, options = SOLVERS[label]
-                            method = label if spec == "none" else f"{spec}+{label}"
+                            learner = None if spec == "none" else spec
+                            method = f"{learner}+{label}" if learner else label
                             name = f"asym W{b} g128 {method}" + ("" if transform == "none" else f" +{transform}")
-                            yield (name, solver, options, {"bits": b, "group_size": 128}, transform,
-                                   None if spec == "none" else spec, seed)
+                            yield name, solver, options, {"bits": b, "group_size": 128}, transform, learner, seed
         return
     for setting, bit_list in (("asym", bits), ("recipe", recipe_bits)):
         for b in bit_list:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common import resumed_table  # bench/common.py, beside this script
 from vs_llmcompressor import prepare_inputs, run_logged  # bench/vs_llmcompressor.py, beside this script
 
 PEER_SCRIPT = Path(__file__).resolve().with_name("peer_autoround.py")
@@ -55,10 +56,7 @@ def main() -> int:
 
     out, work = Path(args.out), Path(args.work)
     settings = {key: getattr(args, key) for key in SETTINGS}
-    done = json.loads(out.read_text()) if out.exists() else {"settings": settings, "runs": []}
-    if done["settings"] != settings:
-        print(f"{out} was written with other settings {done['settings']}; use those or another --out", file=sys.stderr)
-        return 2
+    done = resumed_table(out, settings)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = compquant.load_model(args.model).tokenizer
     test_ids = evaluation_tokens(tokenizer, "wikitext2", data_dir=args.data_dir)

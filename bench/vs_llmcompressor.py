@@ -42,6 +42,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from common import resumed_table  # bench/common.py, beside this script
 from process_memory import rss_mib  # bench/process_memory.py, beside this script
 
 import torch
@@ -319,10 +320,7 @@ def main(argv: list[str]) -> int:
         return 2
     settings = {key: getattr(args, key) for key in NUMERIC}
     out = Path(args.out)
-    done = json.loads(out.read_text()) if out.exists() else {"settings": settings, "runs": []}
-    if done["settings"] != settings:
-        print(f"{out} was written with other settings {done['settings']}; use another --out", file=sys.stderr)
-        return 2
+    done = resumed_table(out, settings)
     work = Path(args.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     venv = Path(args.peer_venv).expanduser()
